@@ -1,0 +1,262 @@
+//! Forwarding: the HTTP client towards the ECR endpoint, and the header rules at both edges.
+//!
+//! The upstream URL is built from configuration (or the token API's `proxyEndpoint`) plus the
+//! mapped path; nothing in the request can choose the host. Only an allow-list of request headers
+//! goes up, so the client's `Authorization`, `Cookie` and `Proxy-Authorization` never reach ECR,
+//! and only an allow-list of response headers comes back. Bodies are never buffered here.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request, Response, Uri};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::config::Timeouts;
+
+/// Request headers forwarded to ECR.
+pub const FORWARD_REQUEST_HEADERS: &[HeaderName] = &[
+    header::ACCEPT,
+    header::RANGE,
+    header::IF_NONE_MATCH,
+    header::USER_AGENT,
+];
+
+/// Response headers returned to the client. `Link` is left out on purpose: it would point at
+/// the ECR repository path, which the mirror does not serve.
+pub const RETURN_RESPONSE_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "docker-content-digest",
+    "etag",
+    "content-range",
+    "accept-ranges",
+    "location",
+    "oci-filters-applied",
+];
+
+/// Failures of the HTTP exchange itself (statuses are not errors here).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// TLS setup failed at start-up.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The CA file could not be read or holds no certificate.
+    #[error("ecr.ca_file {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// No connection could be made.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// No response headers within the timeout.
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+    /// Anything else on the wire.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The client for the ECR endpoint: pooled keep-alive connections, rustls with the ring
+/// provider, the system roots plus an optional extra CA.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    response_headers: Duration,
+}
+
+impl Forwarder {
+    /// Builds the client. Fails on an unreadable CA file.
+    pub fn new(timeouts: &Timeouts, ca_file: Option<&Path>) -> Result<Self, ForwardError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            // A bad system certificate should not stop the proxy; the others still work.
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = ca_file {
+            let err = |message: String| ForwardError::CaFile {
+                path: path.display().to_string(),
+                message,
+            };
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            let mut added = 0;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| err(e.to_string()))?;
+                roots.add(cert).map_err(|e| err(e.to_string()))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(err("no PEM certificate in file".into()));
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ForwardError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeouts.connect));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Self {
+            client,
+            response_headers: timeouts.response_headers,
+        })
+    }
+
+    /// Sends one request and waits for the response headers, at most the configured timeout.
+    pub async fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut req = Request::new(Empty::new());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        match tokio::time::timeout(self.response_headers, self.client.request(req)).await {
+            Err(_) => Err(ForwardError::Timeout(self.response_headers)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(ForwardError::Io(error_chain(&e))),
+        }
+    }
+}
+
+/// `base` (scheme + authority from config) joined with a mapped path.
+pub fn upstream_uri(base: &Uri, path_and_query: &str) -> Option<Uri> {
+    Uri::builder()
+        .scheme(base.scheme_str()?)
+        .authority(base.authority()?.as_str())
+        .path_and_query(path_and_query)
+        .build()
+        .ok()
+}
+
+/// The headers to send up: the allow-list only.
+pub fn request_headers(client: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in FORWARD_REQUEST_HEADERS {
+        for v in client.get_all(name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// The headers to send back: the allow-list only.
+pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in RETURN_RESPONSE_HEADERS {
+        for v in upstream.get_all(*name) {
+            out.append(HeaderName::from_static(name), v.clone());
+        }
+    }
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case::accept("accept", true)]
+    #[case::range("range", true)]
+    #[case::if_none_match("if-none-match", true)]
+    #[case::user_agent("user-agent", true)]
+    #[case::authorization("authorization", false)]
+    #[case::cookie("cookie", false)]
+    #[case::proxy_authorization("proxy-authorization", false)]
+    #[case::host("host", false)]
+    #[case::forwarded("x-forwarded-for", false)]
+    fn request_header_allow_list(#[case] name: &str, #[case] forwarded: bool) {
+        let mut h = HeaderMap::new();
+        h.insert(
+            HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_static("v"),
+        );
+        assert_eq!(request_headers(&h).contains_key(name), forwarded);
+    }
+
+    #[test]
+    fn repeated_accept_headers_all_go_up() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        h.append(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert_eq!(
+            request_headers(&h).get_all(header::ACCEPT).iter().count(),
+            2
+        );
+    }
+
+    #[rstest]
+    #[case::digest("docker-content-digest", true)]
+    #[case::location("location", true)]
+    #[case::content_range("content-range", true)]
+    #[case::set_cookie("set-cookie", false)]
+    #[case::www_authenticate("www-authenticate", false)]
+    #[case::link("link", false)]
+    #[case::server("server", false)]
+    fn response_header_allow_list(#[case] name: &str, #[case] returned: bool) {
+        let mut h = HeaderMap::new();
+        h.insert(
+            HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_static("v"),
+        );
+        assert_eq!(response_headers(&h).contains_key(name), returned);
+    }
+
+    #[rstest]
+    #[case::http(
+        "http://127.0.0.1:5000/",
+        "/v2/a/manifests/1",
+        "http://127.0.0.1:5000/v2/a/manifests/1"
+    )]
+    #[case::https(
+        "https://1.dkr.ecr.eu-west-1.amazonaws.com/",
+        "/v2/a/tags/list?n=1",
+        "https://1.dkr.ecr.eu-west-1.amazonaws.com/v2/a/tags/list?n=1"
+    )]
+    fn joins_base_and_path(#[case] base: &str, #[case] path: &str, #[case] want: &str) {
+        let base: Uri = base.parse().unwrap();
+        assert_eq!(upstream_uri(&base, path).unwrap().to_string(), want);
+    }
+}

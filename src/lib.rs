@@ -1,0 +1,154 @@
+//! pullthrough: a node-local OCI registry mirror that sends every image pull through the AWS
+//! account's ECR pull-through cache, and steps aside whenever that path fails.
+//!
+//! containerd finds the mirror through `/etc/containerd/certs.d/<registry>/hosts.toml` (written
+//! by [`hosts`]), tries it first, and falls back to the real registry when the mirror refuses,
+//! errors or misses. So the mirror's one job is to answer correctly or fail fast and clearly.
+//!
+//! # Layout
+//!
+//! A request flows one way through these modules:
+//!
+//! - [`route`]: method, path and `?ns=` → a validated [`route::Route`] (pure);
+//! - [`map`]: registry + repository → the ECR pull-through path (pure);
+//! - [`sign`]: the node's ECR token, cached and refreshed ([`sign::TokenCache`]);
+//! - [`forward`]: the HTTP client to the ECR endpoint and the header allow-lists;
+//! - [`respond`]: the one table that turns errors into statuses and OCI error bodies.
+//!
+//! [`proxy`] strings them together for one request, with [`cache`] for verified manifests and
+//! [`accesslog`] for the per-request log line. Around it: [`config`] (raw TOML → validated
+//! [`config::Config`]), [`server`] (accept loop with graceful drain), [`ops`] (`/healthz`,
+//! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`).
+//! `main.rs` is only the command line.
+
+pub mod accesslog;
+pub mod cache;
+pub mod config;
+pub mod forward;
+pub mod hosts;
+pub mod map;
+pub mod metrics;
+pub mod ops;
+pub mod proxy;
+pub mod respond;
+pub mod route;
+pub mod server;
+pub mod sign;
+pub mod signal;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use aws_config::BehaviorVersion;
+use http::Uri;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, EcrConfig};
+use crate::forward::{ForwardError, Forwarder};
+use crate::metrics::Metrics;
+use crate::ops::Ops;
+use crate::proxy::Proxy;
+use crate::sign::{EcrTokenSource, TokenCache};
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// `ecr.account` is set but no region could be found to build the registry host name.
+    #[error(
+        "ecr.account is set but no AWS region was found (ecr.region, AWS_REGION, profile or IMDS): \
+         set ecr.region or ecr.endpoint"
+    )]
+    NoRegion,
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+/// The ECR registry URL when config determines it: `ecr.endpoint`, or the account's host name
+/// in `region`. `None` means "use the token's `proxyEndpoint`".
+pub fn registry_base(ecr: &EcrConfig, region: Option<&str>) -> Result<Option<Uri>, ServeError> {
+    if let Some(e) = &ecr.endpoint {
+        return Ok(Some(e.clone()));
+    }
+    let Some(account) = &ecr.account else {
+        return Ok(None);
+    };
+    let region = region.ok_or(ServeError::NoRegion)?;
+    let suffix = if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    let url = format!("https://{account}.dkr.ecr.{region}.{suffix}");
+    Ok(Some(
+        config::parse_base_url(&url).ok_or(ServeError::NoRegion)?,
+    ))
+}
+
+/// Runs the mirror and the ops listener on the given listeners until `shutdown` resolves, then
+/// drains both for at most `timeouts.shutdown`. Returns whether the drain finished in time.
+pub async fn serve(
+    config: Config,
+    mirror: TcpListener,
+    ops: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<bool, ServeError> {
+    let config = Arc::new(config);
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http_client);
+    if let Some(r) = &config.ecr.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    let sdk = loader.load().await;
+    let region = sdk.region().map(|r| r.to_string());
+    let base = registry_base(&config.ecr, region.as_deref())?;
+    tracing::info!(
+        region = region.as_deref().unwrap_or("-"),
+        registry = base.as_ref().map(|b| b.to_string()).unwrap_or_else(|| "(from token)".into()),
+        upstreams = ?config.upstreams.keys().map(|r| r.as_str()).collect::<Vec<_>>(),
+        "starting"
+    );
+
+    let (metrics, registry) = Metrics::new();
+    let source = Arc::new(EcrTokenSource::new(aws_sdk_ecr::Client::new(&sdk)));
+    let tokens = TokenCache::new(source, metrics.clone());
+    let forwarder = Forwarder::new(&config.timeouts, config.ecr.ca_file.as_deref())?;
+    let proxy = Proxy::new(
+        Arc::clone(&config),
+        tokens.clone(),
+        forwarder,
+        base,
+        metrics.clone(),
+    );
+    let ops_handler = Ops::new(tokens.clone(), metrics, registry);
+
+    // Fetch the token now so the first pull does not wait for it; failures only mean not ready.
+    tokio::spawn(async move {
+        if tokens.get().await.is_ok() {
+            tracing::info!("ECR token ready");
+        }
+    });
+
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    let grace = config.timeouts.shutdown;
+    let (mirror_done, ops_done) = tokio::join!(
+        server::serve(
+            mirror,
+            Arc::new(proxy),
+            stop.clone().cancelled_owned(),
+            grace
+        ),
+        server::serve(ops, Arc::new(ops_handler), stop.cancelled_owned(), grace),
+    );
+    Ok(mirror_done && ops_done)
+}

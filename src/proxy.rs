@@ -1,0 +1,408 @@
+//! The mirror service: route → map → sign → forward → respond, for one request.
+//!
+//! [`Proxy::handle`] never fails: every error becomes a response in [`crate::respond`], and every
+//! response is wrapped in the access log. Manifests are read whole (they are small and bounded)
+//! so that they can be verified, cached and answered to HEAD with their true size; blobs, tag
+//! lists and referrers stream straight through.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
+
+use crate::accesslog::{Entry, LoggedBody};
+use crate::cache::{CachedManifest, ManifestCache};
+use crate::config::Config;
+use crate::forward::{self, ForwardError, Forwarder};
+use crate::map::{self, Target};
+use crate::metrics::{Metrics, UpstreamLabels};
+use crate::respond::{self, API_VERSION, API_VERSION_HEADER, Missing, ProxyBody, ProxyError};
+use crate::route::{self, ApiRequest, Kind, Reference, Route};
+use crate::sign::{Token, TokenCache};
+
+/// Largest manifest accepted from ECR; registries (ECR included) refuse larger ones on push.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The mirror. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Arc<Config>,
+    tokens: TokenCache,
+    forwarder: Forwarder,
+    /// The registry URL when config fixes it (endpoint, or account + region); otherwise the
+    /// token's `proxyEndpoint` is used.
+    base: Option<Uri>,
+    manifests: ManifestCache,
+    metrics: Metrics,
+}
+
+/// A successful answer, before logging.
+struct Served {
+    response: Response<ProxyBody>,
+    upstream_path: String,
+    cache: &'static str,
+    from_upstream: bool,
+}
+
+impl Proxy {
+    /// Builds the mirror. `base` is the fixed ECR registry URL, if config determines one.
+    pub fn new(
+        config: Arc<Config>,
+        tokens: TokenCache,
+        forwarder: Forwarder,
+        base: Option<Uri>,
+        metrics: Metrics,
+    ) -> Self {
+        let manifests = ManifestCache::new(config.manifest_cache_bytes);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                tokens,
+                forwarder,
+                base,
+                manifests,
+                metrics,
+            }),
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<LoggedBody> {
+        let start = Instant::now();
+        let head = req.method() == Method::HEAD;
+        let mut entry = Entry {
+            method: req.method().to_string(),
+            registry: "-".into(),
+            kind: "other",
+            upstream_path: "-".into(),
+            status: 0,
+            cache: "-",
+            from_upstream: false,
+            start,
+        };
+        let result = self.serve(&req, &mut entry).await;
+        let response = match result {
+            Ok(s) => {
+                entry.upstream_path = s.upstream_path;
+                entry.cache = s.cache;
+                entry.from_upstream = s.from_upstream;
+                s.response
+            }
+            Err(e) => e.into_response(head),
+        };
+        entry.status = response.status().as_u16();
+        let metrics = self.inner.metrics.clone();
+        response.map(|b| LoggedBody::new(b, entry, metrics))
+    }
+
+    async fn serve<B>(&self, req: &Request<B>, entry: &mut Entry) -> Result<Served, ProxyError> {
+        let cfg = &self.inner.config;
+        let route = route::route(
+            req.method(),
+            req.uri().path(),
+            req.uri().query(),
+            &cfg.upstreams,
+            cfg.default_upstream.as_ref(),
+        )?;
+        let api = match route {
+            Route::Root => {
+                entry.kind = "root";
+                return Ok(Served {
+                    response: root_response(),
+                    upstream_path: "-".into(),
+                    cache: "-",
+                    from_upstream: false,
+                });
+            }
+            Route::Api(api) => api,
+        };
+        entry.registry = api.registry.to_string();
+        entry.kind = api.kind.label();
+        let upstream = cfg
+            .upstreams
+            .get(&api.registry)
+            .ok_or_else(|| ProxyError::Internal("routed to an unconfigured registry".into()))?;
+        let target = map::map(&api, upstream)?;
+        entry.upstream_path = target.path_and_query.clone();
+        let head = req.method() == Method::HEAD;
+        match &api.kind {
+            Kind::Manifest(reference) => {
+                self.manifest(&api, &target, reference, head, req.headers())
+                    .await
+            }
+            _ => self.stream(&api, &target, head, req.headers()).await,
+        }
+    }
+
+    /// Sends a signed request; on 401 drops the token and tries once more with a fresh one.
+    async fn send_signed(
+        &self,
+        api: &ApiRequest,
+        method: Method,
+        target: &Target,
+        client_headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let headers = forward::request_headers(client_headers);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let token = self.inner.tokens.get().await?;
+            let base = self.base(&token)?;
+            let uri = forward::upstream_uri(&base, &target.path_and_query)
+                .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
+            let mut h = headers.clone();
+            h.insert(http::header::AUTHORIZATION, token.authorization());
+            let t0 = Instant::now();
+            let resp = self
+                .inner
+                .forwarder
+                .send(method.clone(), uri, h)
+                .await
+                .map_err(|e| match e {
+                    ForwardError::Timeout(d) => ProxyError::Timeout(d),
+                    ForwardError::Connect(m) => ProxyError::Connect(m),
+                    other => ProxyError::UpstreamIo(other.to_string()),
+                })?;
+            self.inner
+                .metrics
+                .upstream_latency
+                .get_or_create(&UpstreamLabels {
+                    registry: api.registry.to_string(),
+                    kind: api.kind.label().to_owned(),
+                })
+                .observe(t0.elapsed().as_secs_f64());
+            if resp.status() == StatusCode::UNAUTHORIZED && attempt == 1 {
+                tracing::info!("ECR refused the token; fetching a new one and retrying once");
+                self.inner.tokens.invalidate(&token).await;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+
+    fn base(&self, token: &Token) -> Result<Uri, ProxyError> {
+        self.inner
+            .base
+            .clone()
+            .or_else(|| token.proxy_endpoint.clone())
+            .ok_or(ProxyError::NoEndpoint)
+    }
+
+    /// Blobs, tag lists and referrers: stream the body through untouched.
+    async fn stream(
+        &self,
+        api: &ApiRequest,
+        target: &Target,
+        head: bool,
+        client_headers: &HeaderMap,
+    ) -> Result<Served, ProxyError> {
+        let method = if head { Method::HEAD } else { Method::GET };
+        let resp = self
+            .send_signed(api, method, target, client_headers)
+            .await?;
+        let missing = match api.kind {
+            Kind::Blob(_) => Missing::Blob,
+            _ => Missing::Repository,
+        };
+        check_status(resp.status(), missing)?;
+        let (parts, body) = resp.into_parts();
+        let body = if head {
+            respond::empty()
+        } else {
+            body.map_err(|e| -> respond::BodyError { Box::new(e) })
+                .boxed()
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = parts.status;
+        *response.headers_mut() = forward::response_headers(&parts.headers);
+        add_api_version(response.headers_mut());
+        Ok(Served {
+            response,
+            upstream_path: target.path_and_query.clone(),
+            cache: "-",
+            from_upstream: true,
+        })
+    }
+
+    /// Manifests: from the cache by digest, else a GET from ECR (also for HEAD: it is not certain
+    /// that a HEAD makes ECR import an uncached image, and a GET gives the true size and digest).
+    async fn manifest(
+        &self,
+        api: &ApiRequest,
+        target: &Target,
+        reference: &Reference,
+        head: bool,
+        client_headers: &HeaderMap,
+    ) -> Result<Served, ProxyError> {
+        let wanted = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => None,
+        };
+        if let Some(d) = wanted
+            && let Some(m) = self
+                .inner
+                .manifests
+                .get(&target.repository, d.as_str(), client_headers)
+                .await
+        {
+            self.inner.metrics.manifest_cache_hits.inc();
+            return Ok(Served {
+                response: manifest_response(StatusCode::OK, &m, None, head),
+                upstream_path: target.path_and_query.clone(),
+                cache: "hit",
+                from_upstream: false,
+            });
+        }
+        self.inner.metrics.manifest_cache_misses.inc();
+        let resp = self
+            .send_signed(api, Method::GET, target, client_headers)
+            .await?;
+        check_status(resp.status(), Missing::Manifest)?;
+        let (parts, body) = resp.into_parts();
+        if parts.status != StatusCode::OK {
+            // 304 and redirects: headers only, as ECR sent them.
+            let mut response = Response::new(respond::empty());
+            *response.status_mut() = parts.status;
+            *response.headers_mut() = forward::response_headers(&parts.headers);
+            add_api_version(response.headers_mut());
+            return Ok(Served {
+                response,
+                upstream_path: target.path_and_query.clone(),
+                cache: "miss",
+                from_upstream: true,
+            });
+        }
+        let body = Limited::new(body, MAX_MANIFEST_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ProxyError::ManifestTooLarge(MAX_MANIFEST_BYTES)
+                } else {
+                    ProxyError::UpstreamIo(e.to_string())
+                }
+            })?
+            .to_bytes();
+        let computed = format!("sha256:{}", hex(&Sha256::digest(&body)));
+        if let Some(d) = wanted
+            && d.sha256_hex().is_some()
+            && d.as_str() != computed
+        {
+            return Err(ProxyError::DigestMismatch {
+                want: d.as_str().to_owned(),
+                got: computed,
+            });
+        }
+        let header_digest = parts
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let media_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_owned();
+        // Cache only what is verified: ECR's digest header (if any) must be the sha256 we computed.
+        let verified = header_digest.as_deref().is_none_or(|h| h == computed);
+        let m = CachedManifest {
+            body,
+            media_type,
+            digest: header_digest.unwrap_or_else(|| computed.clone()),
+        };
+        if verified {
+            self.inner
+                .manifests
+                .insert(&target.repository, m.clone())
+                .await;
+        }
+        Ok(Served {
+            response: manifest_response(
+                StatusCode::OK,
+                &m,
+                parts.headers.get(http::header::ETAG),
+                head,
+            ),
+            upstream_path: target.path_and_query.clone(),
+            cache: "miss",
+            from_upstream: true,
+        })
+    }
+}
+
+/// Maps an error status from ECR; success and redirect statuses pass.
+fn check_status(status: StatusCode, missing: Missing) -> Result<(), ProxyError> {
+    if status.is_success() || status.is_redirection() {
+        return Ok(());
+    }
+    Err(ProxyError::Status { status, missing })
+}
+
+fn manifest_response(
+    status: StatusCode,
+    m: &CachedManifest,
+    etag: Option<&HeaderValue>,
+    head: bool,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(if head {
+        respond::empty()
+    } else {
+        respond::full(m.body.clone())
+    });
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    // The true length even for HEAD: containerd rejects a manifest of size 0.
+    h.insert(CONTENT_LENGTH, HeaderValue::from(m.body.len()));
+    if let Ok(v) = HeaderValue::from_str(&m.digest) {
+        h.insert("docker-content-digest", v);
+    }
+    if let Some(e) = etag {
+        h.insert(http::header::ETAG, e.clone());
+    }
+    add_api_version(h);
+    resp
+}
+
+fn root_response() -> Response<ProxyBody> {
+    let mut resp = Response::new(respond::full(Bytes::from_static(b"{}")));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    add_api_version(h);
+    resp
+}
+
+fn add_api_version(h: &mut HeaderMap) {
+    h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+impl crate::server::Handler for Proxy {
+    type Body = LoggedBody;
+    fn call(&self, req: Request<Incoming>) -> crate::server::BoxFuture<Response<LoggedBody>> {
+        let proxy = self.clone();
+        Box::pin(async move { proxy.handle(req).await })
+    }
+}

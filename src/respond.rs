@@ -1,0 +1,306 @@
+//! Responding: the one place where a [`ProxyError`] becomes an HTTP status and an OCI error body.
+//!
+//! Each error knows where it came from ([`Source`], after pingora's `ErrorSource`): the client
+//! gets a 4xx, a failing upstream a 502/503/504, an internal fault a 500. The table in
+//! [`ProxyError::classify`] is tuned for containerd, which tries its next host (finally the real
+//! registry) on any error status, and retries 429 and 408 at once with no backoff, so those
+//! become 503.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+
+use crate::map::MapError;
+use crate::route::RouteError;
+use crate::sign::TokenError;
+
+/// The body type every response uses: streamed from upstream, or built here.
+pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BodyError>;
+
+/// An error while streaming a body; hyper aborts the client connection on it, so a truncated
+/// body is never mistaken for a complete one.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `Docker-Distribution-API-Version`, which clients expect on every registry response.
+pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+/// Its only value.
+pub const API_VERSION: &str = "registry/2.0";
+
+/// A whole, small body.
+pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// No body.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Where an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The client asked for something this mirror refuses.
+    Downstream,
+    /// ECR (the token API or the registry endpoint) failed.
+    Upstream,
+    /// A fault of our own.
+    Internal,
+}
+
+/// OCI distribution error codes (plus `TAG_INVALID`, `UNAVAILABLE` and `UNKNOWN` from the
+/// CNCF distribution registry, which clients also understand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// `BLOB_UNKNOWN`.
+    BlobUnknown,
+    /// `DIGEST_INVALID`.
+    DigestInvalid,
+    /// `MANIFEST_UNKNOWN`.
+    ManifestUnknown,
+    /// `MANIFEST_INVALID`.
+    ManifestInvalid,
+    /// `NAME_INVALID`.
+    NameInvalid,
+    /// `NAME_UNKNOWN`.
+    NameUnknown,
+    /// `TAG_INVALID`.
+    TagInvalid,
+    /// `UNSUPPORTED`.
+    Unsupported,
+    /// `UNAVAILABLE`.
+    Unavailable,
+    /// `UNKNOWN`.
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::DigestInvalid => "DIGEST_INVALID",
+            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
+            ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
+            ErrorCode::NameInvalid => "NAME_INVALID",
+            ErrorCode::NameUnknown => "NAME_UNKNOWN",
+            ErrorCode::TagInvalid => "TAG_INVALID",
+            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// What ECR did not have, for the code of a 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// A manifest.
+    Manifest,
+    /// A blob.
+    Blob,
+    /// A repository (tags, referrers).
+    Repository,
+}
+
+/// Everything that can go wrong serving one request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request was refused by the router.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The request cannot be mapped to an ECR repository.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// No ECR token.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The ECR registry URL is not known yet (no endpoint or account configured, and the token
+    /// API did not name one).
+    #[error("the ECR registry endpoint is unknown: set ecr.endpoint or ecr.account")]
+    NoEndpoint,
+    /// Could not connect to the ECR endpoint.
+    #[error("cannot reach the ECR endpoint: {0}")]
+    Connect(String),
+    /// The ECR endpoint did not answer in time.
+    #[error("the ECR endpoint sent no response headers within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The ECR endpoint failed mid-exchange.
+    #[error("the ECR endpoint failed: {0}")]
+    UpstreamIo(String),
+    /// ECR answered with an error status.
+    #[error("the ECR endpoint answered {status}")]
+    Status {
+        /// What ECR answered.
+        status: StatusCode,
+        /// What was asked for.
+        missing: Missing,
+    },
+    /// ECR's content does not match the digest asked for; it is never served or cached.
+    #[error("the ECR endpoint sent a manifest whose digest is {got}, not {want}")]
+    DigestMismatch {
+        /// Requested digest.
+        want: String,
+        /// sha256 of what came back.
+        got: String,
+    },
+    /// A manifest larger than any registry accepts.
+    #[error("the ECR endpoint sent a manifest over {0} bytes")]
+    ManifestTooLarge(usize),
+    /// A bug or resource failure of ours.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The decision table: source, status and OCI code of each error.
+    pub fn classify(&self) -> (Source, StatusCode, ErrorCode) {
+        use ErrorCode as C;
+        use Source::*;
+        match self {
+            ProxyError::Route(r) => match r {
+                RouteError::MethodNotAllowed(_) => {
+                    (Downstream, StatusCode::METHOD_NOT_ALLOWED, C::Unsupported)
+                }
+                RouteError::NotServed(_) => (Downstream, StatusCode::NOT_FOUND, C::Unsupported),
+                RouteError::NameInvalid(_) => (Downstream, StatusCode::BAD_REQUEST, C::NameInvalid),
+                RouteError::TagInvalid(_) => (Downstream, StatusCode::BAD_REQUEST, C::TagInvalid),
+                RouteError::DigestInvalid(_) => {
+                    (Downstream, StatusCode::BAD_REQUEST, C::DigestInvalid)
+                }
+                RouteError::UnknownRegistry(_) => {
+                    (Downstream, StatusCode::NOT_FOUND, C::NameUnknown)
+                }
+            },
+            // ECR would refuse the name; a 404 sends containerd to the real registry.
+            ProxyError::Map(_) => (Downstream, StatusCode::NOT_FOUND, C::NameUnknown),
+            ProxyError::Token(_) | ProxyError::NoEndpoint => {
+                (Upstream, StatusCode::SERVICE_UNAVAILABLE, C::Unavailable)
+            }
+            ProxyError::Connect(_) | ProxyError::UpstreamIo(_) => {
+                (Upstream, StatusCode::BAD_GATEWAY, C::Unknown)
+            }
+            ProxyError::Timeout(_) => (Upstream, StatusCode::GATEWAY_TIMEOUT, C::Unknown),
+            ProxyError::Status { status, missing } => match status.as_u16() {
+                401 | 403 | 404 => (
+                    Upstream,
+                    StatusCode::NOT_FOUND,
+                    match missing {
+                        Missing::Manifest => C::ManifestUnknown,
+                        Missing::Blob => C::BlobUnknown,
+                        Missing::Repository => C::NameUnknown,
+                    },
+                ),
+                408 | 429 => (Upstream, StatusCode::SERVICE_UNAVAILABLE, C::Unavailable),
+                _ => (Upstream, StatusCode::BAD_GATEWAY, C::Unknown),
+            },
+            ProxyError::DigestMismatch { .. } | ProxyError::ManifestTooLarge(_) => {
+                (Upstream, StatusCode::BAD_GATEWAY, C::ManifestInvalid)
+            }
+            ProxyError::Internal(_) => (Internal, StatusCode::INTERNAL_SERVER_ERROR, C::Unknown),
+        }
+    }
+
+    /// The response: status from [`classify`](Self::classify) and an OCI error body
+    /// (headers only for HEAD).
+    pub fn into_response(self, head: bool) -> Response<ProxyBody> {
+        let (source, status, code) = self.classify();
+        match source {
+            Source::Internal => tracing::error!(error = %self, "internal error"),
+            Source::Upstream => tracing::debug!(error = %self, "upstream error"),
+            Source::Downstream => tracing::debug!(error = %self, "refused request"),
+        }
+        let body = serde_json::json!({
+            "errors": [{ "code": code.as_str(), "message": self.to_string(), "detail": null }]
+        })
+        .to_string();
+        let mut resp = Response::new(if head { empty() } else { full(body.clone()) });
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+    use std::time::Duration;
+
+    fn status(s: u16, missing: Missing) -> ProxyError {
+        ProxyError::Status {
+            status: StatusCode::from_u16(s).unwrap(),
+            missing,
+        }
+    }
+
+    #[rstest]
+    #[case::method(ProxyError::Route(RouteError::MethodNotAllowed("PUT".into())), 405, "UNSUPPORTED", Source::Downstream)]
+    #[case::catalog(ProxyError::Route(RouteError::NotServed("/v2/_catalog".into())), 404, "UNSUPPORTED", Source::Downstream)]
+    #[case::name(ProxyError::Route(RouteError::NameInvalid("A".into())), 400, "NAME_INVALID", Source::Downstream)]
+    #[case::tag(ProxyError::Route(RouteError::TagInvalid(".x".into())), 400, "TAG_INVALID", Source::Downstream)]
+    #[case::digest(ProxyError::Route(RouteError::DigestInvalid("x".into())), 400, "DIGEST_INVALID", Source::Downstream)]
+    #[case::unknown_ns(ProxyError::Route(RouteError::UnknownRegistry("ghcr.io".into())), 404, "NAME_UNKNOWN", Source::Downstream)]
+    #[case::too_long(ProxyError::Map(MapError::TooLong("x".into())), 404, "NAME_UNKNOWN", Source::Downstream)]
+    #[case::token(
+        ProxyError::Token(TokenError::Empty),
+        503,
+        "UNAVAILABLE",
+        Source::Upstream
+    )]
+    #[case::connect(ProxyError::Connect("refused".into()), 502, "UNKNOWN", Source::Upstream)]
+    #[case::timeout(
+        ProxyError::Timeout(Duration::from_secs(1)),
+        504,
+        "UNKNOWN",
+        Source::Upstream
+    )]
+    #[case::not_found_manifest(
+        status(404, Missing::Manifest),
+        404,
+        "MANIFEST_UNKNOWN",
+        Source::Upstream
+    )]
+    #[case::not_found_blob(status(404, Missing::Blob), 404, "BLOB_UNKNOWN", Source::Upstream)]
+    #[case::unauthorized_after_retry(
+        status(401, Missing::Repository),
+        404,
+        "NAME_UNKNOWN",
+        Source::Upstream
+    )]
+    #[case::forbidden(
+        status(403, Missing::Manifest),
+        404,
+        "MANIFEST_UNKNOWN",
+        Source::Upstream
+    )]
+    #[case::throttled(status(429, Missing::Blob), 503, "UNAVAILABLE", Source::Upstream)]
+    #[case::request_timeout(status(408, Missing::Blob), 503, "UNAVAILABLE", Source::Upstream)]
+    #[case::server_error(status(500, Missing::Blob), 502, "UNKNOWN", Source::Upstream)]
+    #[case::unavailable(status(503, Missing::Blob), 502, "UNKNOWN", Source::Upstream)]
+    #[case::mismatch(ProxyError::DigestMismatch { want: "a".into(), got: "b".into() }, 502, "MANIFEST_INVALID", Source::Upstream)]
+    #[case::internal(ProxyError::Internal("x".into()), 500, "UNKNOWN", Source::Internal)]
+    fn decision_table(
+        #[case] e: ProxyError,
+        #[case] code: u16,
+        #[case] oci: &str,
+        #[case] source: Source,
+    ) {
+        let (s, st, c) = e.classify();
+        assert_eq!((s, st.as_u16(), c.as_str()), (source, code, oci));
+    }
+
+    #[tokio::test]
+    async fn body_is_an_oci_error() {
+        let resp = ProxyError::Route(RouteError::NameInvalid("A".into())).into_response(false);
+        assert_eq!(resp.status(), 400);
+        assert_eq!(resp.headers()[API_VERSION_HEADER], API_VERSION);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
+        assert_eq!(v["errors"][0]["message"], "invalid repository name \"A\"");
+    }
+}

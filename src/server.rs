@@ -1,0 +1,84 @@
+//! The HTTP/1 server loop shared by the mirror and the ops listener.
+//!
+//! It takes an already-bound listener and a shutdown future, so tests bind `127.0.0.1:0` and
+//! stop it at will (mini-redis `server::run`). On shutdown it stops accepting at once, lets
+//! in-flight requests (a blob halfway through, say) finish, and gives up after the grace period
+//! (hyper-util's `GracefulShutdown` under a timeout, as linkerd drains).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Something that answers requests and never fails.
+pub trait Handler: Send + Sync + 'static {
+    /// The response body.
+    type Body: Body<Data = Bytes, Error = crate::respond::BodyError> + Send + 'static;
+    /// Answers one request.
+    fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<Self::Body>>;
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then drains for at most `grace`.
+/// Returns whether every connection finished within the grace period.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> bool {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let h = Arc::clone(&handler);
+                let svc = service_fn(move |req| {
+                    let fut = h.call(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => true,
+        Err(_) => {
+            tracing::warn!(?grace, "grace period over; closing remaining connections");
+            false
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Signing: the node's ECR authorization token, fetched with `GetAuthorizationToken` through the
+//! SDK's default credential chain and cached.
+//!
+//! One token serves every request (the token is valid for every registry the identity can read),
+//! so the cache holds a single entry. Three properties matter on a busy node:
+//! - N concurrent cold requests make exactly one API call (moka's `try_get_with` coalesces them);
+//! - the token is refreshed in the background well before it expires, while requests keep using
+//!   the old one;
+//! - failures back off with jitter, because the API allows 20 TPS per account and region, and a
+//!   fleet of nodes hammering it during an outage would only make it worse.
+//!
+//! Time is `tokio::time::Instant` so that tests can pause the clock.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Uri};
+use moka::ops::compute::Op;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+
+/// Shortest lifetime we give a token. moto answers `expiresAt = 2015-01-01`, and a real node can
+/// have a skewed clock: either way, trusting `expiresAt` would mean an API call per request.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
+/// Stop using a token this long before it expires, so it never dies in flight.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Why no token could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The API call failed (credentials, network, throttling after the SDK's own retries).
+    #[error("GetAuthorizationToken failed: {0}")]
+    Api(String),
+    /// The API answered without a usable token.
+    #[error("GetAuthorizationToken returned no usable authorization data")]
+    Empty,
+    /// A recent fetch failed; we do not call the API again until the backoff has passed.
+    #[error("token unavailable (retrying in {retry_in:?}): {last}")]
+    Backoff {
+        /// Time until the next attempt.
+        retry_in: Duration,
+        /// The last failure.
+        last: String,
+    },
+}
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+
+    /// The secret itself; call only where it is sent, never where it is logged.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<redacted, {} bytes>)", self.0.len())
+    }
+}
+
+/// What the token API returned.
+#[derive(Debug, Clone)]
+pub struct FetchedToken {
+    /// `authorizationToken`: base64 of `AWS:<password>`, sent as `Basic` credentials.
+    pub authorization_token: Secret,
+    /// `expiresAt`.
+    pub expires_at: Option<SystemTime>,
+    /// `proxyEndpoint`, e.g. `https://123456789012.dkr.ecr.eu-west-1.amazonaws.com`.
+    pub proxy_endpoint: Option<String>,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where tokens come from: the real API, or a fake in unit tests.
+pub trait TokenSource: Send + Sync + 'static {
+    /// Calls `GetAuthorizationToken` (or pretends to).
+    fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, TokenError>>;
+}
+
+/// The real source: aws-sdk-ecr with the SDK's default credential chain and retry policy (which
+/// already backs off with jitter on throttling).
+#[derive(Debug, Clone)]
+pub struct EcrTokenSource {
+    client: aws_sdk_ecr::Client,
+}
+
+impl EcrTokenSource {
+    /// Wraps an SDK client.
+    pub fn new(client: aws_sdk_ecr::Client) -> Self {
+        Self { client }
+    }
+}
+
+impl TokenSource for EcrTokenSource {
+    fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, TokenError>> {
+        Box::pin(async move {
+            let out = self
+                .client
+                .get_authorization_token()
+                .send()
+                .await
+                .map_err(|e| {
+                    TokenError::Api(aws_sdk_ecr::error::DisplayErrorContext(&e).to_string())
+                })?;
+            let data = out.authorization_data().first().ok_or(TokenError::Empty)?;
+            let token = data
+                .authorization_token()
+                .filter(|t| !t.is_empty())
+                .ok_or(TokenError::Empty)?;
+            Ok(FetchedToken {
+                authorization_token: Secret::new(token.to_owned()),
+                expires_at: data
+                    .expires_at()
+                    .and_then(|t| SystemTime::try_from(*t).ok()),
+                proxy_endpoint: data.proxy_endpoint().map(str::to_owned),
+            })
+        })
+    }
+}
+
+/// A cached token, ready to send.
+#[derive(Clone)]
+pub struct Token {
+    header: HeaderValue,
+    /// The registry URL the token API named, if it parsed.
+    pub proxy_endpoint: Option<Uri>,
+    refresh_at: Instant,
+    usable_until: Instant,
+}
+
+impl Token {
+    /// `Authorization: Basic …`, marked sensitive so hyper never logs it.
+    pub fn authorization(&self) -> HeaderValue {
+        self.header.clone()
+    }
+
+    /// Time the token may still be used.
+    pub fn time_left(&self) -> Duration {
+        self.usable_until.saturating_duration_since(Instant::now())
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Token {
+            header: _,
+            proxy_endpoint,
+            refresh_at,
+            usable_until,
+        } = self;
+        f.debug_struct("Token")
+            .field("header", &"<redacted>")
+            .field("proxy_endpoint", proxy_endpoint)
+            .field("refresh_at", refresh_at)
+            .field("usable_until", usable_until)
+            .finish()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last: String,
+}
+
+/// The token cache. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Arc<dyn TokenSource>,
+    cache: moka::future::Cache<(), Arc<Token>>,
+    backoff: Mutex<Backoff>,
+    refreshing: AtomicBool,
+    metrics: Metrics,
+}
+
+impl fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCache").finish_non_exhaustive()
+    }
+}
+
+impl TokenCache {
+    /// A cache in front of `source`.
+    pub fn new(source: Arc<dyn TokenSource>, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                source,
+                cache: moka::future::Cache::new(1),
+                backoff: Mutex::new(Backoff::default()),
+                refreshing: AtomicBool::new(false),
+                metrics,
+            }),
+        }
+    }
+
+    /// A usable token: cached, or fetched (once, however many callers wait for it).
+    pub async fn get(&self) -> Result<Arc<Token>, TokenError> {
+        let now = Instant::now();
+        if let Some(t) = self.inner.cache.get(&()).await {
+            if now < t.usable_until {
+                if now >= t.refresh_at {
+                    self.spawn_refresh();
+                }
+                return Ok(t);
+            }
+            self.invalidate(&t).await;
+        }
+        if let Some(e) = self.backoff_error(now) {
+            return Err(e);
+        }
+        let inner = Arc::clone(&self.inner);
+        self.inner
+            .cache
+            .try_get_with((), async move { inner.fetch().await })
+            .await
+            .map_err(|e: Arc<TokenError>| (*e).clone())
+    }
+
+    /// Drops `stale` (a token the registry just refused), unless it has been replaced already.
+    pub async fn invalidate(&self, stale: &Arc<Token>) {
+        let stale = Arc::clone(stale);
+        self.inner
+            .cache
+            .entry(())
+            .and_compute_with(|cur| async move {
+                match cur {
+                    Some(e) if Arc::ptr_eq(e.value(), &stale) => Op::Remove,
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+    }
+
+    /// Seconds the cached token may still be used; 0 without one. For the metrics gauge.
+    pub async fn seconds_left(&self) -> f64 {
+        match self.inner.cache.get(&()).await {
+            Some(t) => t.time_left().as_secs_f64(),
+            None => 0.0,
+        }
+    }
+
+    fn backoff_error(&self, now: Instant) -> Option<TokenError> {
+        let b = self.inner.backoff.lock().ok()?;
+        let retry_at = b.retry_at?;
+        (now < retry_at).then(|| TokenError::Backoff {
+            retry_in: retry_at - now,
+            last: b.last.clone(),
+        })
+    }
+
+    fn spawn_refresh(&self) {
+        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            if let Ok(token) = inner.fetch().await {
+                inner.cache.insert((), token).await;
+            }
+            inner.refreshing.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl Inner {
+    async fn fetch(&self) -> Result<Arc<Token>, TokenError> {
+        self.metrics.token_fetches.inc();
+        match self.source.fetch().await {
+            Ok(fetched) => {
+                if let Ok(mut b) = self.backoff.lock() {
+                    *b = Backoff::default();
+                }
+                Ok(Arc::new(make_token(fetched)?))
+            }
+            Err(e) => {
+                self.metrics.token_errors.inc();
+                let delay = self.record_failure(&e);
+                tracing::warn!(error = %e, retry_in = ?delay, "ECR token fetch failed");
+                Err(e)
+            }
+        }
+    }
+
+    fn record_failure(&self, e: &TokenError) -> Duration {
+        let Ok(mut b) = self.backoff.lock() else {
+            return Duration::ZERO;
+        };
+        b.failures = b.failures.saturating_add(1);
+        let exp = BACKOFF_BASE.saturating_mul(1u32 << (b.failures - 1).min(5));
+        // Full jitter between half and all of the exponential step, so nodes spread out.
+        let delay = exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64() / 2.0);
+        b.retry_at = Some(Instant::now() + delay);
+        b.last = e.to_string();
+        delay
+    }
+}
+
+fn make_token(f: FetchedToken) -> Result<Token, TokenError> {
+    let mut header = HeaderValue::from_str(&format!("Basic {}", f.authorization_token.expose()))
+        .map_err(|_| TokenError::Empty)?;
+    header.set_sensitive(true);
+    let remaining = f
+        .expires_at
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
+    let lifetime = if remaining < MIN_TOKEN_TTL + EXPIRY_MARGIN {
+        tracing::warn!(
+            expires_in = ?remaining,
+            floor = ?MIN_TOKEN_TTL,
+            "ECR token expiresAt is in the past or too near (clock skew?); using the floor TTL"
+        );
+        MIN_TOKEN_TTL
+    } else {
+        remaining - EXPIRY_MARGIN
+    };
+    let now = Instant::now();
+    Ok(Token {
+        header,
+        proxy_endpoint: f
+            .proxy_endpoint
+            .as_deref()
+            .and_then(crate::config::parse_base_url),
+        // Refresh at three quarters of the lifetime: 9 h into a 12 h ECR token.
+        refresh_at: now + lifetime.mul_f64(0.75),
+        usable_until: now + lifetime,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A fake token API: counts calls, can fail, can be slow.
+    struct Fake {
+        calls: AtomicUsize,
+        fail: AtomicBool,
+        ttl: Option<Duration>,
+        delay: Duration,
+    }
+
+    impl Fake {
+        fn new(ttl: Option<Duration>) -> Arc<Fake> {
+            Arc::new(Fake {
+                calls: AtomicUsize::new(0),
+                fail: AtomicBool::new(false),
+                ttl,
+                delay: Duration::from_millis(50),
+            })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl TokenSource for Fake {
+        fn fetch(&self) -> BoxFuture<'_, Result<FetchedToken, TokenError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(self.delay).await;
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(TokenError::Api("boom".into()));
+                }
+                Ok(FetchedToken {
+                    authorization_token: Secret::new(format!("QVdTOnRva2VuLXtu}}{n}")),
+                    expires_at: self.ttl.map(|d| SystemTime::now() + d),
+                    proxy_endpoint: Some(
+                        "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com".into(),
+                    ),
+                })
+            })
+        }
+    }
+
+    fn cache(fake: &Arc<Fake>) -> TokenCache {
+        TokenCache::new(fake.clone(), Metrics::new().0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_cold_requests_make_one_call() {
+        let fake = Fake::new(Some(Duration::from_secs(12 * 3600)));
+        let cache = cache(&fake);
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let c = cache.clone();
+                tokio::spawn(async move { c.get().await.map(|t| t.authorization()) })
+            })
+            .collect();
+        let mut headers = Vec::new();
+        for t in tasks {
+            headers.push(t.await.unwrap().unwrap());
+        }
+        assert_eq!(fake.calls(), 1);
+        assert!(headers.iter().all(|h| *h == headers[0]));
+        assert!(headers[0].is_sensitive());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshes_in_background_before_expiry() {
+        let fake = Fake::new(Some(Duration::from_secs(12 * 3600)));
+        let cache = cache(&fake);
+        let first = cache.get().await.unwrap().authorization();
+        tokio::time::advance(Duration::from_secs(6 * 3600)).await;
+        assert_eq!(cache.get().await.unwrap().authorization(), first);
+        assert_eq!(fake.calls(), 1, "no refresh at half-life");
+        tokio::time::advance(Duration::from_secs(3 * 3600 + 60)).await;
+        // Past three quarters: the old token is still served while a refresh runs.
+        assert_eq!(cache.get().await.unwrap().authorization(), first);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = cache.get().await.unwrap().authorization();
+        assert_ne!(second, first);
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_expiry_uses_floor_ttl() {
+        // moto's behaviour: expiresAt in 2015.
+        let fake = Fake::new(None);
+        let cache = cache(&fake);
+        let t = cache.get().await.unwrap();
+        assert_eq!(t.time_left(), MIN_TOKEN_TTL);
+        tokio::time::advance(MIN_TOKEN_TTL - Duration::from_secs(1)).await;
+        cache.get().await.unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let t2 = cache.get().await.unwrap();
+        assert_ne!(
+            t2.authorization(),
+            t.authorization(),
+            "an expired token is never served"
+        );
+        assert!(fake.calls() >= 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidate_drops_only_the_stale_token() {
+        let fake = Fake::new(Some(Duration::from_secs(3600)));
+        let cache = cache(&fake);
+        let t1 = cache.get().await.unwrap();
+        cache.invalidate(&t1).await;
+        let t2 = cache.get().await.unwrap();
+        assert_eq!(fake.calls(), 2);
+        // A second 401 on the old token must not throw away the new one.
+        cache.invalidate(&t1).await;
+        assert_eq!(
+            cache.get().await.unwrap().authorization(),
+            t2.authorization()
+        );
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_then_recover() {
+        let fake = Fake::new(Some(Duration::from_secs(3600)));
+        fake.fail.store(true, Ordering::SeqCst);
+        let cache = cache(&fake);
+        assert!(matches!(cache.get().await, Err(TokenError::Api(_))));
+        // Within the backoff window, no API call is made.
+        for _ in 0..10 {
+            assert!(matches!(cache.get().await, Err(TokenError::Backoff { .. })));
+        }
+        assert_eq!(fake.calls(), 1);
+        fake.fail.store(false, Ordering::SeqCst);
+        tokio::time::advance(BACKOFF_BASE).await;
+        assert!(cache.get().await.is_ok());
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let s = Secret::new("QVdTOnNlY3JldA==".into());
+        assert!(!format!("{s:?}").contains("QVdT"));
+        let t = make_token(FetchedToken {
+            authorization_token: s.clone(),
+            expires_at: None,
+            proxy_endpoint: None,
+        })
+        .unwrap();
+        assert!(!format!("{t:?}").contains("QVdT"));
+        let f = FetchedToken {
+            authorization_token: s,
+            expires_at: None,
+            proxy_endpoint: None,
+        };
+        assert!(!format!("{f:?}").contains("QVdT"));
+    }
+}
