@@ -1,0 +1,718 @@
+//! The mirror against real stand-ins: docker-registry (htpasswd Basic auth for `AWS`) as the
+//! ECR registry endpoint and moto as the ECR API, with pullthrough in between.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::support::http::{get, header, request, send, send_streaming};
+use crate::support::image::{ACCEPT, INDEX, Image, MANIFEST};
+use crate::support::moto::Moto;
+use crate::support::pullthrough::{BlackHole, Options, Pullthrough, Recorder};
+use crate::support::registry::Registry;
+use crate::support::{dead_port, eventually, sha256_digest};
+
+/// The images every stack holds, at their pull-through paths.
+struct Images {
+    alpine: Image,
+    user_app: Image,
+    node_exporter: Image,
+    multi: Image,
+}
+
+struct Stack {
+    moto: Moto,
+    registry: Registry,
+    pt: Pullthrough,
+    images: Images,
+}
+
+async fn stack() -> Stack {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let images = Images {
+        alpine: Image::small("alpine"),
+        user_app: Image::small("someorg-app"),
+        node_exporter: Image::small("node-exporter"),
+        multi: Image::multi_arch("multi"),
+    };
+    registry
+        .push("docker-hub/library/alpine", "3.19", &images.alpine)
+        .await;
+    registry
+        .push("docker-hub/someorg/app", "1", &images.user_app)
+        .await;
+    registry
+        .push("quay/prometheus/node-exporter", "v1", &images.node_exporter)
+        .await;
+    registry
+        .push("docker-hub/library/multi", "1", &images.multi)
+        .await;
+    registry.clear_requests();
+    let pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    Stack {
+        moto,
+        registry,
+        pt,
+        images,
+    }
+}
+
+/// GET through the mirror, as containerd would send it.
+async fn via(
+    pt: &Pullthrough,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> http::Response<Bytes> {
+    get(&format!("{}{path_and_query}", pt.url()), headers)
+        .await
+        .unwrap()
+}
+
+async fn direct(reg: &Registry, path: &str, headers: &[(&str, &str)]) -> http::Response<Bytes> {
+    let auth = reg.auth_header().unwrap();
+    let mut h = headers.to_vec();
+    h.push(("authorization", &auth));
+    get(&format!("{}{path}", reg.base_url()), &h).await.unwrap()
+}
+
+fn oci_code(resp: &http::Response<Bytes>) -> String {
+    let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap_or_default();
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn v2_root_is_answered_locally_without_a_challenge() {
+    let s = stack().await;
+    for path in ["/v2/", "/v2"] {
+        let resp = via(&s.pt, path, &[]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            header(&resp, "docker-distribution-api-version"),
+            "registry/2.0"
+        );
+        assert!(resp.headers().get("www-authenticate").is_none());
+    }
+    assert!(
+        s.registry.requests().is_empty(),
+        "{:?}",
+        s.registry.requests()
+    );
+}
+
+#[tokio::test]
+async fn manifests_blobs_and_tags_are_byte_identical_to_direct() {
+    let s = stack().await;
+    let cases = [
+        (
+            "docker.io",
+            "library/alpine",
+            "docker-hub/library/alpine",
+            "3.19",
+            &s.images.alpine,
+        ),
+        (
+            "docker.io",
+            "alpine",
+            "docker-hub/library/alpine",
+            "3.19",
+            &s.images.alpine,
+        ),
+        (
+            "docker.io",
+            "someorg/app",
+            "docker-hub/someorg/app",
+            "1",
+            &s.images.user_app,
+        ),
+        (
+            "quay.io",
+            "prometheus/node-exporter",
+            "quay/prometheus/node-exporter",
+            "v1",
+            &s.images.node_exporter,
+        ),
+        (
+            "docker.io",
+            "library/multi",
+            "docker-hub/library/multi",
+            "1",
+            &s.images.multi,
+        ),
+    ];
+    let accept = [("accept", ACCEPT)];
+    for (ns, name, repo, tag, image) in cases {
+        let q = format!("?ns={ns}");
+        // The root (manifest or index) by tag, GET and HEAD.
+        let proxied = via(&s.pt, &format!("/v2/{name}/manifests/{tag}{q}"), &accept).await;
+        let plain = direct(&s.registry, &format!("/v2/{repo}/manifests/{tag}"), &accept).await;
+        assert_eq!(proxied.status(), StatusCode::OK, "{name}:{tag}");
+        assert_eq!(proxied.body(), plain.body());
+        assert_eq!(proxied.body(), &image.root.bytes);
+        for h in ["content-type", "docker-content-digest", "content-length"] {
+            assert_eq!(
+                header(&proxied, h),
+                header(&plain, h),
+                "{h} of {name}:{tag}"
+            );
+        }
+        let head = send(request(
+            Method::HEAD,
+            &format!("{}/v2/{name}/manifests/{tag}{q}", s.pt.url()),
+            &accept,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert!(head.body().is_empty());
+        assert_eq!(
+            header(&head, "content-length"),
+            image.root.bytes.len().to_string()
+        );
+        assert_eq!(header(&head, "docker-content-digest"), image.digest());
+        assert_eq!(
+            header(&head, "content-type"),
+            header(&plain, "content-type")
+        );
+
+        // Every child manifest by digest, and every blob.
+        for m in &image.manifests {
+            if !image.is_index() {
+                continue;
+            }
+            let resp = via(
+                &s.pt,
+                &format!("/v2/{name}/manifests/{}{q}", m.digest()),
+                &accept,
+            )
+            .await;
+            assert_eq!(resp.body(), &m.manifest.bytes);
+        }
+        for blob in image.blobs() {
+            let path = format!("/v2/{name}/blobs/{}{q}", blob.digest);
+            let resp = via(&s.pt, &path, &[]).await;
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            assert_eq!(resp.body(), &blob.bytes, "{path}");
+            assert_eq!(header(&resp, "docker-content-digest"), blob.digest);
+            let head = send(request(Method::HEAD, &format!("{}{path}", s.pt.url()), &[]))
+                .await
+                .unwrap();
+            assert_eq!(head.status(), StatusCode::OK);
+            assert_eq!(header(&head, "content-length"), blob.size().to_string());
+        }
+
+        // Tag lists, with paging parameters kept.
+        let proxied = via(&s.pt, &format!("/v2/{name}/tags/list?n=10&ns={ns}"), &[]).await;
+        let plain = direct(&s.registry, &format!("/v2/{repo}/tags/list?n=10"), &[]).await;
+        assert_eq!(proxied.status(), StatusCode::OK);
+        assert_eq!(proxied.body(), plain.body());
+    }
+    // What ECR saw: pull-through paths only, with `ns` stripped.
+    let seen = s.registry.paths_seen();
+    assert!(
+        seen.contains(&"/v2/docker-hub/library/alpine/manifests/3.19".to_string()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"/v2/docker-hub/someorg/app/manifests/1".to_string()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"/v2/quay/prometheus/node-exporter/tags/list?n=10".to_string()),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|p| !p.contains("ns=")), "{seen:?}");
+    assert!(
+        !seen.iter().any(|p| p.contains("library/someorg")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn range_requests_pass_through() {
+    let s = stack().await;
+    let layer = &s.images.alpine.manifests[0].layers[0];
+    let path = format!("/v2/library/alpine/blobs/{}?ns=docker.io", layer.digest);
+    let resp = via(&s.pt, &path, &[("range", "bytes=10-19")]).await;
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.body(), &layer.bytes[10..20]);
+    assert_eq!(
+        header(&resp, "content-range"),
+        format!("bytes 10-19/{}", layer.size())
+    );
+}
+
+#[tokio::test]
+async fn accept_negotiation_and_the_manifest_cache() {
+    let s = stack().await;
+    let index = &s.images.multi;
+    let by_digest = format!(
+        "/v2/library/multi/manifests/{}?ns=docker.io",
+        index.digest()
+    );
+    let upstream_path = format!("/v2/docker-hub/library/multi/manifests/{}", index.digest());
+
+    // An Accept without the index type gets whatever the registry gives such a client.
+    let only_manifest = [("accept", MANIFEST)];
+    let proxied = via(
+        &s.pt,
+        "/v2/library/multi/manifests/1?ns=docker.io",
+        &only_manifest,
+    )
+    .await;
+    let plain = direct(
+        &s.registry,
+        "/v2/docker-hub/library/multi/manifests/1",
+        &only_manifest,
+    )
+    .await;
+    assert_eq!(proxied.status().is_success(), plain.status().is_success());
+    if plain.status().is_success() {
+        assert_eq!(proxied.body(), plain.body());
+    }
+
+    // By digest with the index type accepted: fetched once, then served from the cache.
+    let accept = [("accept", ACCEPT)];
+    for _ in 0..3 {
+        let resp = via(&s.pt, &by_digest, &accept).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.body(), &index.root.bytes);
+        assert_eq!(header(&resp, "content-type"), INDEX);
+    }
+    let fetched = |reg: &Registry| {
+        reg.paths_seen()
+            .iter()
+            .filter(|p| **p == upstream_path)
+            .count()
+    };
+    assert_eq!(fetched(&s.registry), 1, "{:?}", s.registry.requests());
+    let hits =
+        s.pt.access_log()
+            .iter()
+            .filter(|l| l["cache"] == "hit")
+            .count();
+    assert_eq!(hits, 2);
+
+    // A client that does not accept the cached type is not served from the cache.
+    via(&s.pt, &by_digest, &only_manifest).await;
+    assert_eq!(fetched(&s.registry), 2);
+}
+
+#[tokio::test]
+async fn head_by_tag_then_get_by_digest_costs_one_upstream_request() {
+    let s = stack().await;
+    let accept = [("accept", ACCEPT)];
+    let head = send(request(
+        Method::HEAD,
+        &format!(
+            "{}/v2/library/alpine/manifests/3.19?ns=docker.io",
+            s.pt.url()
+        ),
+        &accept,
+    ))
+    .await
+    .unwrap();
+    let digest = header(&head, "docker-content-digest").to_owned();
+    assert_eq!(digest, s.images.alpine.digest());
+    let resp = via(
+        &s.pt,
+        &format!("/v2/library/alpine/manifests/{digest}?ns=docker.io"),
+        &accept,
+    )
+    .await;
+    assert_eq!(resp.body(), &s.images.alpine.root.bytes);
+    let manifest_requests: Vec<_> = s
+        .registry
+        .requests()
+        .into_iter()
+        .filter(|(_, p, _)| p.contains("/manifests/"))
+        .collect();
+    // The HEAD went up as a GET (it may be what makes ECR import the image); the digest was local.
+    assert_eq!(
+        manifest_requests,
+        vec![(
+            "GET".to_string(),
+            "/v2/docker-hub/library/alpine/manifests/3.19".to_string(),
+            200
+        )]
+    );
+}
+
+#[tokio::test]
+async fn client_credentials_never_reach_the_registry() {
+    let moto = Moto::start().await;
+    let recorder = Recorder::start().await;
+    let pt = Pullthrough::start(Options::new(&recorder.url(), &moto.endpoint())).await;
+    let resp = via(
+        &pt,
+        "/v2/alpine/tags/list?n=5&ns=docker.io&last=a",
+        &[
+            ("authorization", "Basic cG9kOnNlY3JldA=="),
+            ("cookie", "session=pod"),
+            ("proxy-authorization", "Basic cG9kOnNlY3JldA=="),
+            ("x-pod-header", "1"),
+            ("accept", "application/json"),
+            ("range", "bytes=0-"),
+            ("if-none-match", "\"abc\""),
+            ("user-agent", "containerd/1.6.20"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = recorder.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (line, h) = &seen[0];
+    assert_eq!(
+        line,
+        "GET /v2/docker-hub/library/alpine/tags/list?n=5&last=a"
+    );
+    assert_eq!(
+        h["authorization"],
+        format!("Basic {}", moto.authorization_token())
+    );
+    for dropped in ["cookie", "proxy-authorization", "x-pod-header"] {
+        assert!(!h.contains_key(dropped), "{dropped} was forwarded");
+    }
+    assert_eq!(h["accept"], "application/json");
+    assert_eq!(h["range"], "bytes=0-");
+    assert_eq!(h["if-none-match"], "\"abc\"");
+    assert_eq!(h["user-agent"], "containerd/1.6.20");
+    assert_eq!(h["host"], recorder.url().trim_start_matches("http://"));
+    // And the token never shows up in pullthrough's own log.
+    assert!(!pt.log().contains(&moto.authorization_token()));
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_cold_requests_make_one_token_call() {
+    let s = stack().await;
+    let url = format!(
+        "{}/v2/library/alpine/manifests/3.19?ns=docker.io",
+        s.pt.url()
+    );
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, &[("accept", ACCEPT)]).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(s.moto.token_calls(), 1);
+    assert_eq!(
+        s.pt.metric("pullthrough_token_fetches_total").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_token_is_recovered_through_one_401_retry() {
+    let mut s = stack().await;
+    let path = "/v2/library/alpine/manifests/3.19?ns=docker.io";
+    assert_eq!(
+        via(&s.pt, path, &[("accept", ACCEPT)]).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(s.moto.token_calls(), 1);
+
+    // ECR now hands out (and accepts) another token.
+    s.moto.restart_with_account("210987654321").await;
+    s.registry.set_password(&s.moto.password());
+    s.registry.clear_requests();
+
+    let resp = via(&s.pt, path, &[("accept", ACCEPT)]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.body(), &s.images.alpine.root.bytes);
+    assert_eq!(s.moto.token_calls(), 2);
+    let statuses: Vec<u16> = s.registry.requests().iter().map(|(_, _, st)| *st).collect();
+    assert_eq!(statuses, vec![401, 200]);
+}
+
+#[tokio::test]
+async fn unknown_registries_get_404_without_an_upstream_call() {
+    let s = stack().await;
+    for q in [
+        "ns=ghcr.io",
+        "ns=docker.io.evil.example",
+        "ns=docker.io%2Fx",
+        "",
+    ] {
+        let resp = via(
+            &s.pt,
+            &format!("/v2/library/alpine/manifests/3.19?{q}"),
+            &[],
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{q}");
+        assert_eq!(oci_code(&resp), "NAME_UNKNOWN", "{q}");
+    }
+    assert!(
+        s.registry.requests().is_empty(),
+        "{:?}",
+        s.registry.requests()
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_the_upstream() {
+    let s = stack().await;
+    let sha = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let long = vec!["abcdefghij"; 30].join("/");
+    let cases: Vec<(Method, String, u16, &str)> = vec![
+        (
+            Method::GET,
+            "/v2/library/../etc/manifests/1?ns=docker.io".into(),
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            Method::GET,
+            "/v2/library%2Falpine/manifests/1?ns=docker.io".into(),
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            Method::GET,
+            "/v2/library//alpine/manifests/1?ns=docker.io".into(),
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            Method::GET,
+            "/v2/Library/alpine/manifests/1?ns=docker.io".into(),
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            Method::GET,
+            format!("/v2/{long}/manifests/1?ns=docker.io"),
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            Method::GET,
+            "/v2/alpine/manifests/-bad?ns=docker.io".into(),
+            400,
+            "TAG_INVALID",
+        ),
+        (
+            Method::GET,
+            "/v2/alpine/manifests/sha256:abc?ns=docker.io".into(),
+            400,
+            "TAG_INVALID",
+        ),
+        (
+            Method::GET,
+            "/v2/alpine/blobs/latest?ns=docker.io".into(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            Method::GET,
+            "/v2/alpine/referrers/v1?ns=docker.io".into(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (Method::GET, "/v2/_catalog".into(), 404, "UNSUPPORTED"),
+        (
+            Method::PUT,
+            "/v2/alpine/manifests/1?ns=docker.io".into(),
+            405,
+            "UNSUPPORTED",
+        ),
+        (
+            Method::POST,
+            "/v2/alpine/blobs/uploads/?ns=docker.io".into(),
+            405,
+            "UNSUPPORTED",
+        ),
+        (
+            Method::DELETE,
+            format!("/v2/alpine/blobs/{sha}?ns=docker.io"),
+            405,
+            "UNSUPPORTED",
+        ),
+    ];
+    for (method, path, status, code) in cases {
+        let resp = send(request(
+            method.clone(),
+            &format!("{}{path}", s.pt.url()),
+            &[],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        assert_eq!(oci_code(&resp), code, "{method} {path}");
+        assert_eq!(header(&resp, "content-type"), "application/json");
+    }
+    assert!(
+        s.registry.requests().is_empty(),
+        "{:?}",
+        s.registry.requests()
+    );
+}
+
+#[tokio::test]
+async fn missing_images_are_404_so_containerd_falls_back() {
+    let s = stack().await;
+    let resp = via(
+        &s.pt,
+        "/v2/library/nothere/manifests/1?ns=docker.io",
+        &[("accept", ACCEPT)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(oci_code(&resp), "MANIFEST_UNKNOWN");
+    let sha = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let resp = via(
+        &s.pt,
+        &format!("/v2/library/alpine/blobs/{sha}?ns=docker.io"),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(oci_code(&resp), "BLOB_UNKNOWN");
+}
+
+#[tokio::test]
+async fn registry_down_is_502() {
+    let moto = Moto::start().await;
+    let pt = Pullthrough::start(Options::new(
+        &format!("http://127.0.0.1:{}", dead_port()),
+        &moto.endpoint(),
+    ))
+    .await;
+    let resp = via(&pt, "/v2/library/alpine/manifests/3.19?ns=docker.io", &[]).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(oci_code(&resp), "UNKNOWN");
+}
+
+#[tokio::test]
+async fn a_registry_that_never_answers_is_504() {
+    let moto = Moto::start().await;
+    let hole = BlackHole::start().await;
+    // response_headers = 2s in the default test options.
+    let pt = Pullthrough::start(Options::new(&hole.url(), &moto.endpoint())).await;
+    let resp = via(&pt, "/v2/library/alpine/manifests/3.19?ns=docker.io", &[]).await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+    assert!(
+        v["errors"][0]["message"].as_str().unwrap().contains("2s"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn token_api_down_means_not_ready_and_503() {
+    let registry = Registry::start("unused").await;
+    let pt = Pullthrough::start(Options::new(
+        &registry.base_url(),
+        &format!("http://127.0.0.1:{}", dead_port()),
+    ))
+    .await;
+    assert_eq!(pt.ready_status().await, 503);
+    let resp = via(&pt, "/v2/library/alpine/manifests/3.19?ns=docker.io", &[]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(oci_code(&resp), "UNAVAILABLE");
+    assert!(registry.requests().is_empty());
+}
+
+#[tokio::test]
+async fn ops_endpoints_report_health_readiness_and_metrics() {
+    let s = stack().await;
+    assert_eq!(
+        get(&format!("{}/healthz", s.pt.ops_url()), &[])
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let mut ready = 0;
+    for _ in 0..200 {
+        ready = s.pt.ready_status().await;
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, 200);
+    via(
+        &s.pt,
+        "/v2/library/alpine/manifests/3.19?ns=docker.io",
+        &[("accept", ACCEPT)],
+    )
+    .await;
+    via(
+        &s.pt,
+        "/v2/library/alpine/manifests/9.9?ns=docker.io",
+        &[("accept", ACCEPT)],
+    )
+    .await;
+    let ok = r#"pullthrough_requests_total{registry="docker.io",kind="manifest",code="200"}"#;
+    let missing = r#"pullthrough_requests_total{registry="docker.io",kind="manifest",code="404"}"#;
+    assert_eq!(s.pt.metric(ok).await, Some(1.0));
+    assert_eq!(s.pt.metric(missing).await, Some(1.0));
+    let left = s.pt.metric("pullthrough_token_seconds_left").await.unwrap();
+    assert!(
+        left > 0.0 && left <= 300.0,
+        "moto's token gets the 5 min floor: {left}"
+    );
+    // Each request wrote one access-log line with the fields operators filter on.
+    let line =
+        s.pt.wait_for_access("/v2/docker-hub/library/alpine/manifests/3.19")
+            .await;
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["registry"], "docker.io");
+    assert_eq!(line["cache"], "miss");
+    assert_eq!(line["bytes"], s.images.alpine.root.bytes.len());
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_blob_finish() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let image = Image::with_big_layer("big", 64 << 20);
+    registry.push("docker-hub/library/big", "1", &image).await;
+    let mut pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    let layer = image.largest_layer();
+    let url = format!(
+        "{}/v2/library/big/blobs/{}?ns=docker.io",
+        pt.url(),
+        layer.digest
+    );
+    let resp = send_streaming(request(Method::GET, &url, &[]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut received: Vec<u8> = Vec::with_capacity(layer.size());
+    // Take the first bytes, so the stream is surely under way, then ask pullthrough to stop.
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    received.extend_from_slice(&first);
+    pt.sigterm();
+    // New connections are refused once the listener is closed...
+    eventually("listener closed", || {
+        std::net::TcpStream::connect(pt.host())
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // ...while the in-flight body runs to its end.
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(received.len(), layer.size());
+    assert_eq!(sha256_digest(&received), layer.digest);
+    let status = pt
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("pullthrough exits");
+    assert!(status.success(), "{status}");
+}
