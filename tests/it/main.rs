@@ -10,6 +10,8 @@
 // `#[cfg(test)]` modules, not the helpers in `support`, hence the allow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cli;
+mod e2e;
 mod harness;
 mod proxy;
 mod support;
