@@ -5,14 +5,17 @@
 //! goes up, so the client's `Authorization`, `Cookie` and `Proxy-Authorization` never reach ECR,
 //! and only an allow-list of response headers comes back. Bodies are never buffered here.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, Uri};
 use http_body_util::Empty;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,6 +24,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::config::Timeouts;
+use crate::respond::BodyError;
 
 /// Request headers forwarded to ECR.
 pub const FORWARD_REQUEST_HEADERS: &[HeaderName] = &[
@@ -126,22 +130,83 @@ impl Forwarder {
     }
 
     /// Sends one request and waits for the response headers, at most the configured timeout.
+    /// The body then fails if it stalls for as long.
     pub async fn send(
         &self,
         method: Method,
         uri: Uri,
         headers: HeaderMap,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<IdleTimeout<Incoming>>, ForwardError> {
         let mut req = Request::new(Empty::new());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
         match tokio::time::timeout(self.response_headers, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.response_headers)),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(resp.map(|b| IdleTimeout::new(b, self.response_headers))),
             Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
             Ok(Err(e)) => Err(ForwardError::Io(error_chain(&e))),
         }
+    }
+}
+
+/// An upstream body that fails when no frame arrives for `idle`: a registry that stalls
+/// mid-blob must not hang the pull, since containerd puts no deadline on a body read. The
+/// error aborts the client connection, so containerd retries or falls back.
+pub struct IdleTimeout<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> IdleTimeout<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+/// The error an [`IdleTimeout`] body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the ECR endpoint sent nothing for {0:?} in the middle of a body")]
+pub struct BodyStalled(pub Duration);
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 use crate::accesslog::{Entry, LoggedBody};
 use crate::cache::{CachedManifest, ManifestCache};
 use crate::config::Config;
-use crate::forward::{self, ForwardError, Forwarder};
+use crate::forward::{self, ForwardError, Forwarder, IdleTimeout};
 use crate::map::{self, Target};
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::respond::{self, API_VERSION, API_VERSION_HEADER, Missing, ProxyBody, ProxyError};
@@ -151,7 +151,7 @@ impl Proxy {
         method: Method,
         target: &Target,
         client_headers: &HeaderMap,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<IdleTimeout<Incoming>>, ProxyError> {
         let headers = forward::request_headers(client_headers);
         let mut attempt = 0;
         loop {
@@ -216,12 +216,7 @@ impl Proxy {
         };
         check_status(resp.status(), missing)?;
         let (parts, body) = resp.into_parts();
-        let body = if head {
-            respond::empty()
-        } else {
-            body.map_err(|e| -> respond::BodyError { Box::new(e) })
-                .boxed()
-        };
+        let body = if head { respond::empty() } else { body.boxed() };
         let mut response = Response::new(body);
         *response.status_mut() = parts.status;
         *response.headers_mut() = forward::response_headers(&parts.headers);

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use crate::support::http::{get, header, request, send, send_streaming};
 use crate::support::image::{ACCEPT, INDEX, Image, MANIFEST};
 use crate::support::moto::Moto;
-use crate::support::pullthrough::{BlackHole, Options, Pullthrough, Recorder};
+use crate::support::pullthrough::{BlackHole, Options, Pullthrough, RawUpstream, Recorder, Then};
 use crate::support::registry::Registry;
 use crate::support::{dead_port, eventually, sha256_digest};
 
@@ -715,4 +715,102 @@ async fn sigterm_lets_an_in_flight_blob_finish() {
         .await
         .expect("pullthrough exits");
     assert!(status.success(), "{status}");
+}
+
+/// A response head promising 1000 bytes, and 10 of them.
+fn partial_response(content_type: &str) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: 1000\r\n\
+         Docker-Content-Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n\r\n"
+    )
+    .into_bytes();
+    r.extend_from_slice(b"0123456789");
+    r
+}
+
+#[tokio::test]
+async fn an_upstream_dying_mid_blob_aborts_the_client_connection() {
+    let sha = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    for then in [Then::Close, Then::Hold] {
+        let moto = Moto::start().await;
+        let upstream = RawUpstream::start(partial_response("application/octet-stream"), then).await;
+        let pt = Pullthrough::start(Options::new(&upstream.url(), &moto.endpoint())).await;
+        // The status and length went out before the failure; the body must then fail, never end
+        // as if complete.
+        let resp = send_streaming(request(
+            Method::GET,
+            &format!("{}/v2/alpine/blobs/{sha}?ns=docker.io", pt.url()),
+            &[],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "content-length"), "1000");
+        let body = resp.into_body().collect().await;
+        assert!(body.is_err(), "{then:?}: a truncated blob was completed");
+        let line = pt
+            .wait_for_access(&format!("/v2/docker-hub/library/alpine/blobs/{sha}"))
+            .await;
+        assert_eq!(line["body"], "upstream_failed", "{then:?}: {line}");
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_manifest_is_502() {
+    let moto = Moto::start().await;
+    let upstream = RawUpstream::start(partial_response(MANIFEST), Then::Close).await;
+    let pt = Pullthrough::start(Options::new(&upstream.url(), &moto.endpoint())).await;
+    let resp = via(&pt, "/v2/alpine/manifests/1?ns=docker.io", &[]).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn skopeo_pulls_through_the_path_prefix_form_and_default_upstream() {
+    let s = stack().await;
+    let mut opts = Options::new(&s.registry.base_url(), &s.moto.endpoint());
+    opts.default_upstream = Some("docker.io".into());
+    let with_default = Pullthrough::start(opts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        // CRI-O / podman `location = "<mirror>/docker.io"`.
+        (
+            format!("docker://{}/docker.io/library/alpine:3.19", s.pt.host()),
+            s.images.alpine.digest(),
+        ),
+        (
+            format!(
+                "docker://{}/quay.io/prometheus/node-exporter:v1",
+                s.pt.host()
+            ),
+            s.images.node_exporter.digest(),
+        ),
+        // A client that names no registry at all gets `default_upstream`.
+        (
+            format!("docker://{}/someorg/app:1", with_default.host()),
+            s.images.user_app.digest(),
+        ),
+    ];
+    for (n, (src, digest)) in cases.iter().enumerate() {
+        let dest = dir.path().join(n.to_string());
+        let out = std::process::Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false", "--retry-times=0", src])
+            .arg(format!("dir:{}", dest.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{src}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifest = std::fs::read(dest.join("manifest.json")).unwrap();
+        assert_eq!(sha256_digest(&manifest), *digest, "{src}");
+    }
+    let seen = s.registry.paths_seen();
+    for p in [
+        "/v2/docker-hub/library/alpine/manifests/3.19",
+        "/v2/quay/prometheus/node-exporter/manifests/v1",
+        "/v2/docker-hub/someorg/app/manifests/1",
+    ] {
+        assert!(seen.contains(&p.to_string()), "{p} not in {seen:?}");
+    }
 }

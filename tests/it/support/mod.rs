@@ -43,9 +43,19 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The `pullthrough` binary cargo built for this test run.
+/// The `pullthrough` binary cargo built for this test run. Cargo names it for integration
+/// tests; the demo example (which shares this harness) finds it beside its own directory,
+/// `target/<profile>/examples/..`.
 pub fn pullthrough_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pullthrough"))
+    if let Some(p) = option_env!("CARGO_BIN_EXE_pullthrough") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .expect("target/<profile>/examples/<exe>");
+    profile_dir.join("pullthrough")
 }
 
 /// A loopback port that was free a moment ago.

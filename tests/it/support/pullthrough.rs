@@ -47,6 +47,8 @@ pub struct Options {
     pub ecr_api: String,
     /// Extra TOML appended to the config (timeouts, upstreams, ...). Must include upstreams.
     pub extra: String,
+    /// `default_upstream`, if any.
+    pub default_upstream: Option<String>,
 }
 
 impl Options {
@@ -58,6 +60,7 @@ impl Options {
             extra: format!(
                 "[timeouts]\nconnect = \"1s\"\nresponse_headers = \"2s\"\nshutdown = \"20s\"\n{UPSTREAMS}"
             ),
+            default_upstream: None,
         }
     }
 }
@@ -72,8 +75,12 @@ impl Pullthrough {
         let port = free_port();
         let ops_port = free_port();
         let config_path = dir.path().join("pullthrough.toml");
+        let default_upstream = opts
+            .default_upstream
+            .map(|d| format!("default_upstream = \"{d}\"\n"))
+            .unwrap_or_default();
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\n[ecr]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n\n{}",
+            "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n{default_upstream}\n[ecr]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n\n{}",
             opts.endpoint, opts.extra
         );
         std::fs::write(&config_path, config).expect("write config");
@@ -274,6 +281,58 @@ impl BlackHole {
 }
 
 impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a [`RawUpstream`] does after writing its canned response.
+#[derive(Clone, Copy, Debug)]
+pub enum Then {
+    /// Close the connection (a registry that dies mid-body).
+    Close,
+    /// Keep it open and silent (a registry that stalls mid-body).
+    Hold,
+}
+
+/// A fake upstream that answers every request with the same raw bytes, for broken responses no
+/// real registry sends on purpose.
+pub struct RawUpstream {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    /// Starts it on a free loopback port.
+    pub async fn start(response: Vec<u8>, then: Then) -> RawUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let response = Arc::new(response);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                // Read the request head; one read is enough for the small GETs the proxy sends.
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(&response).await;
+                let _ = stream.flush().await;
+                match then {
+                    Then::Close => drop(stream),
+                    Then::Hold => held.push(stream),
+                }
+            }
+        });
+        RawUpstream { port, task }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RawUpstream {
     fn drop(&mut self) {
         self.task.abort();
     }
