@@ -106,14 +106,19 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::prelude::*;
+    let env = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // At TRACE the AWS SDK logs raw response bodies and output structs, and the
+    // GetAuthorizationToken output carries the token in clear. No RUST_LOG may turn that on.
+    let no_secrets = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("aws_"))
+    });
+    let registry = tracing_subscriber::registry().with(env).with(no_secrets);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
 }
 

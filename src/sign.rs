@@ -269,7 +269,11 @@ impl TokenCache {
     }
 
     fn spawn_refresh(&self) {
-        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
+        // After a failed refresh, wait out the backoff: the old token is still good, and a
+        // request-rate stream of API calls during an outage is what the backoff is for.
+        if self.backoff_error(Instant::now()).is_some()
+            || self.inner.refreshing.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let inner = Arc::clone(&self.inner);
@@ -483,6 +487,31 @@ mod tests {
         tokio::time::advance(BACKOFF_BASE).await;
         assert!(cache.get().await.is_ok());
         assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_background_refresh_keeps_the_old_token_and_backs_off() {
+        let fake = Fake::new(Some(Duration::from_secs(12 * 3600)));
+        let cache = cache(&fake);
+        let first = cache.get().await.unwrap().authorization();
+        fake.fail.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(10 * 3600)).await;
+        // Requests past the refresh point during an outage keep the old token; while one refresh
+        // runs, and during the backoff after it failed, no other call is made.
+        for _ in 0..50 {
+            assert_eq!(cache.get().await.unwrap().authorization(), first);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..50 {
+            assert_eq!(cache.get().await.unwrap().authorization(), first);
+        }
+        assert_eq!(fake.calls(), 2, "one initial fetch and one failed refresh");
+        fake.fail.store(false, Ordering::SeqCst);
+        tokio::time::advance(BACKOFF_MAX).await;
+        cache.get().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_ne!(cache.get().await.unwrap().authorization(), first);
+        assert_eq!(fake.calls(), 3);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Options {
     pub extra: String,
     /// `default_upstream`, if any.
     pub default_upstream: Option<String>,
+    /// `RUST_LOG` for the process.
+    pub rust_log: String,
 }
 
 impl Options {
@@ -61,6 +63,7 @@ impl Options {
                 "[timeouts]\nconnect = \"1s\"\nresponse_headers = \"2s\"\nshutdown = \"20s\"\n{UPSTREAMS}"
             ),
             default_upstream: None,
+            rust_log: "info,aws_config=warn,aws_smithy_runtime=warn".into(),
         }
     }
 }
@@ -84,7 +87,7 @@ impl Pullthrough {
             opts.endpoint, opts.extra
         );
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = spawn(dir.path(), &config_path, &opts.ecr_api);
+        let mut child = spawn(dir.path(), &config_path, &opts.ecr_api, &opts.rust_log);
         child.wait_for_port(port).await;
         child.wait_for_port(ops_port).await;
         Pullthrough {
@@ -180,13 +183,13 @@ impl Pullthrough {
     }
 }
 
-fn spawn(dir: &Path, config: &Path, ecr_api: &str) -> ChildGuard {
+fn spawn(dir: &Path, config: &Path, ecr_api: &str, rust_log: &str) -> ChildGuard {
     let mut cmd = Command::new(pullthrough_bin());
     cmd.args(["--log-format", "json", "serve", "--config"])
         .arg(config)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info,aws_config=warn,aws_smithy_runtime=warn")
+        .env("RUST_LOG", rust_log)
         .env("AWS_ENDPOINT_URL_ECR", ecr_api)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
