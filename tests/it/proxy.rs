@@ -823,3 +823,101 @@ async fn skopeo_pulls_through_the_path_prefix_form_and_default_upstream() {
         assert!(seen.contains(&p.to_string()), "{p} not in {seen:?}");
     }
 }
+
+async fn through_raw(
+    moto: &Moto,
+    response: String,
+    path: &str,
+    method: Method,
+) -> http::Response<Bytes> {
+    let upstream = RawUpstream::start(response.into_bytes(), Then::Close).await;
+    let pt = Pullthrough::start(Options::new(&upstream.url(), &moto.endpoint())).await;
+    send(request(
+        method,
+        &format!("{}{path}", pt.url()),
+        &[("accept", ACCEPT)],
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn upstream_statuses_map_to_what_makes_containerd_fall_back() {
+    let sha = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let blob = format!("/v2/alpine/blobs/{sha}?ns=docker.io");
+    let moto = Moto::start().await;
+    for (upstream, want, code) in [
+        (500, 502, "UNKNOWN"),
+        (503, 502, "UNKNOWN"),
+        (429, 503, "UNAVAILABLE"),
+        (408, 503, "UNAVAILABLE"),
+        (403, 404, "BLOB_UNKNOWN"),
+        (404, 404, "BLOB_UNKNOWN"),
+    ] {
+        let raw =
+            format!("HTTP/1.1 {upstream} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let resp = through_raw(&moto, raw, &blob, Method::GET).await;
+        assert_eq!(resp.status().as_u16(), want, "upstream {upstream}");
+        assert_eq!(oci_code(&resp), code, "upstream {upstream}");
+    }
+}
+
+#[tokio::test]
+async fn blob_redirects_go_back_unchanged() {
+    let sha = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let location = "https://prod-eu-west-1-starport-layer-bucket.s3.eu-west-1.amazonaws.com/x?X-Amz-Signature=abc";
+    let raw = format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+    );
+    let resp = through_raw(
+        &Moto::start().await,
+        raw,
+        &format!("/v2/alpine/blobs/{sha}?ns=docker.io"),
+        Method::GET,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(header(&resp, "location"), location);
+}
+
+#[tokio::test]
+async fn manifest_without_a_digest_header_gets_its_sha256() {
+    let body = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let raw = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {MANIFEST}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let resp = through_raw(
+        &Moto::start().await,
+        raw,
+        "/v2/alpine/manifests/1?ns=docker.io",
+        Method::HEAD,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        header(&resp, "docker-content-digest"),
+        sha256_digest(body.as_bytes())
+    );
+    assert_eq!(header(&resp, "content-length"), body.len().to_string());
+    assert_eq!(header(&resp, "content-type"), MANIFEST);
+}
+
+#[tokio::test]
+async fn a_manifest_that_does_not_match_its_digest_is_refused() {
+    let body = r#"{"schemaVersion":2}"#;
+    let raw = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {MANIFEST}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let sha = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let resp = through_raw(
+        &Moto::start().await,
+        raw,
+        &format!("/v2/alpine/manifests/{sha}?ns=docker.io"),
+        Method::GET,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(oci_code(&resp), "MANIFEST_INVALID");
+}
