@@ -317,6 +317,7 @@ async fn head_by_tag_then_get_by_digest_costs_one_upstream_request() {
     ))
     .await
     .unwrap();
+    assert_eq!(head.status(), StatusCode::OK, "{}", s.pt.log());
     let digest = header(&head, "docker-content-digest").to_owned();
     assert_eq!(digest, s.images.alpine.digest());
     let resp = via(

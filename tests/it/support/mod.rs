@@ -58,13 +58,22 @@ pub fn pullthrough_bin() -> PathBuf {
     profile_dir.join("pullthrough")
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, and never handed out before in this process.
 ///
-/// The listener is dropped before returning, so another process could take
-/// the port in between; on a test machine that race is rare enough.
+/// The listener is dropped before returning, so another process could take the port in
+/// between; that race is rare. Tests run in parallel threads, though, and two of them must
+/// never be given the same port, or one would talk to the other's stand-in.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(&port) {
+            seen.push(port);
+            return port;
+        }
+    }
 }
 
 /// A port on which nothing listens, for "upstream is down" cases.
