@@ -135,6 +135,12 @@ fn run_serve(config: Config) -> anyhow::Result<bool> {
             .await
             .context("binding `ops_listen`")?;
         tracing::info!(listen = %config.listen, ops_listen = %config.ops_listen, "listening");
+        if !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.listen,
+                "the mirror is not on loopback: anything that reaches it pulls with this node's ECR identity"
+            );
+        }
         let drained =
             pullthrough::serve(config, mirror, ops, pullthrough::signal::shutdown()).await?;
         Ok(drained)

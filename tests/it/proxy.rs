@@ -364,6 +364,8 @@ async fn client_credentials_never_reach_the_registry() {
             ("range", "bytes=0-"),
             ("if-none-match", "\"abc\""),
             ("user-agent", "containerd/1.6.20"),
+            // The request cannot choose the upstream host.
+            ("host", "evil.example"),
         ],
     )
     .await;
@@ -387,6 +389,31 @@ async fn client_credentials_never_reach_the_registry() {
     assert_eq!(h["if-none-match"], "\"abc\"");
     assert_eq!(h["user-agent"], "containerd/1.6.20");
     assert_eq!(h["host"], recorder.url().trim_start_matches("http://"));
+    // An absolute-form request line (as sent to a forward proxy) cannot choose the host either.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(pt.host()).await.unwrap();
+        conn.write_all(
+            b"GET http://evil.example/v2/alpine/tags/list?ns=docker.io HTTP/1.1\r\n\
+              Host: evil.example\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        let seen = recorder.requests();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].0, "GET /v2/docker-hub/library/alpine/tags/list");
+        assert_eq!(
+            seen[1].1["host"],
+            recorder.url().trim_start_matches("http://")
+        );
+    }
     // And the token never shows up in pullthrough's own log, even at trace level.
     let log = pt.log();
     assert!(
