@@ -180,7 +180,7 @@ impl Registry {
             None => (s, None),
         };
         if let Some(p) = port
-            && (p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()))
+            && (!p.bytes().all(|b| b.is_ascii_digit()) || !p.parse::<u16>().is_ok_and(|p| p > 0))
         {
             return None;
         }
@@ -248,7 +248,7 @@ impl Config {
             ConfigError::Invalid {
                 path: path.to_owned(),
                 line,
-                key: key_of_parse_error(e.message(), text.lines().nth(line - 1).unwrap_or("")),
+                key: key_of_parse_error(e.message(), text, line),
                 message: e.message().trim().to_owned(),
             }
         })?;
@@ -283,18 +283,34 @@ impl Locator<'_> {
     }
 }
 
-/// The key a parse error is about: serde names unknown and missing fields in backticks; otherwise
-/// it is the key on the offending line.
-fn key_of_parse_error(message: &str, line: &str) -> String {
+/// The dotted key a parse error is about: serde names unknown and missing fields in backticks,
+/// otherwise it is the key on the offending line; either is prefixed with the table it sits in
+/// (the nearest `[table]` header above), so `prefix` reads `upstreams."docker.io".prefix`.
+fn key_of_parse_error(message: &str, text: &str, line: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let idx = line.saturating_sub(1).min(lines.len());
+    let this = lines.get(idx).copied().unwrap_or("").trim();
     let named = message
         .split('`')
         .nth(1)
         .filter(|_| message.contains("unknown field") || message.contains("missing field"));
-    let on_line = line
+    let on_line = this
         .split_once('=')
         .map(|(k, _)| k.trim())
         .filter(|k| !k.is_empty());
-    named.or(on_line).unwrap_or("(syntax)").to_owned()
+    let header = |l: &str| {
+        let l = l.trim();
+        (l.starts_with('[') && l.ends_with(']'))
+            .then(|| l.trim_matches(['[', ']']).trim().to_owned())
+    };
+    // A missing field is reported at its table's header line: that header is the table.
+    let table = header(this).or_else(|| lines[..idx].iter().rev().find_map(|l| header(l)));
+    match (named.or(on_line), table) {
+        (Some(k), Some(t)) => format!("{t}.{k}"),
+        (Some(k), None) => k.to_owned(),
+        (None, Some(t)) => t,
+        (None, None) => "(syntax)".to_owned(),
+    }
 }
 
 impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
@@ -446,12 +462,8 @@ fn validate_ecr(raw: &RawEcr, at: Locator<'_>) -> Result<EcrConfig, ConfigError>
         None => None,
         Some(s) => {
             let p = PathBuf::from(s.get_ref());
-            if !p.is_file() {
-                return Err(at.err(
-                    &s.span(),
-                    "ecr.ca_file",
-                    format!("{:?} is not a readable file", s.get_ref()),
-                ));
+            if let Err(why) = check_pem_certificates(&p) {
+                return Err(at.err(&s.span(), "ecr.ca_file", format!("{:?} {why}", s.get_ref())));
             }
             Some(p)
         }
@@ -462,6 +474,22 @@ fn validate_ecr(raw: &RawEcr, at: Locator<'_>) -> Result<EcrConfig, ConfigError>
         endpoint,
         ca_file,
     })
+}
+
+/// Checks that `path` is a readable PEM file with at least one certificate, all parseable.
+fn check_pem_certificates(path: &Path) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("is not a readable file: {e}"))?;
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|e| format!("holds a bad PEM certificate: {e}"))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(())
 }
 
 /// A scheme + authority URL with no path beyond `/`, no query and no user info.
@@ -617,7 +645,11 @@ mod tests {
     fn full_example_parses() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, "x").unwrap();
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem"),
+            &ca,
+        )
+        .unwrap();
         let text = format!(
             r#"
 listen = "127.0.0.1:6000"
@@ -668,7 +700,11 @@ max_bytes = 1024
     )]
     #[case::unknown_nested_key(
         "[ecr]\nregion = \"eu-west-1\"\nregoin = \"x\"\n",
-        "pullthrough.toml:3: regoin: unknown field `regoin`"
+        "pullthrough.toml:3: ecr.regoin: unknown field `regoin`"
+    )]
+    #[case::unknown_upstream_key(
+        "[upstreams.\"docker.io\"]\nprefix = \"hub\"\nprfix = \"x\"\n",
+        "pullthrough.toml:3: upstreams.\"docker.io\".prfix: unknown field `prfix`"
     )]
     #[case::bad_listen(
         "\n\nlisten = \"localhost\"\n",
@@ -712,7 +748,7 @@ max_bytes = 1024
     )]
     #[case::missing_prefix(
         "[upstreams.\"docker.io\"]\nserver = \"https://x.io\"\n",
-        "missing field `prefix`"
+        "pullthrough.toml:1: upstreams.\"docker.io\".prefix: missing field `prefix`"
     )]
     #[case::bad_server(
         "[upstreams.\"docker.io\"]\nprefix = \"hub\"\nserver = \"ftp://x\"\n",
@@ -734,6 +770,10 @@ max_bytes = 1024
         "[ecr]\nca_file = \"/nonexistent/ca.pem\"\n",
         "pullthrough.toml:2: ecr.ca_file: \"/nonexistent/ca.pem\" is not a readable file"
     )]
+    #[case::ca_not_pem(
+        "[ecr]\nca_file = \"Cargo.toml\"\n",
+        "pullthrough.toml:2: ecr.ca_file: \"Cargo.toml\" holds no PEM certificate"
+    )]
     #[case::bad_duration(
         "[timeouts]\nconnect = \"soon\"\n",
         "pullthrough.toml:2: timeouts.connect: \"soon\" is not a positive duration"
@@ -748,6 +788,10 @@ max_bytes = 1024
     )]
     #[case::syntax("listen = \n", "pullthrough.toml:1: listen:")]
     #[case::unclosed_table("[ecr\n", "pullthrough.toml:1: (syntax):")]
+    #[case::wrong_type_in_table(
+        "[timeouts]\nconnect = 3\n",
+        "pullthrough.toml:2: timeouts.connect: invalid type"
+    )]
     #[case::wrong_type("listen = 5050\n", "pullthrough.toml:1: listen: invalid type")]
     fn invalid_configs_name_file_line_and_key(#[case] text: &str, #[case] want: &str) {
         let err = load(text).unwrap_err().to_string();
@@ -770,6 +814,9 @@ max_bytes = 1024
     #[case::empty_label("quay..io", None)]
     #[case::dash_label("-quay.io", None)]
     #[case::long_port("quay.io:123456", None)]
+    #[case::port_too_big("quay.io:99999", None)]
+    #[case::port_zero("quay.io:0", None)]
+    #[case::port_sign("quay.io:+80", None)]
     fn registry_names(#[case] input: &str, #[case] want: Option<&str>) {
         assert_eq!(Registry::parse(input).as_ref().map(Registry::as_str), want);
     }

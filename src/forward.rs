@@ -121,7 +121,9 @@ impl Forwarder {
             .enable_http1()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Below the ~60 s idle timeout of load balancers and NAT gateways on the way, so a
+            // pooled connection is never reused just as the path drops it.
+            .pool_idle_timeout(Duration::from_secs(50))
             .build(https);
         Ok(Self {
             client,

@@ -95,7 +95,11 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("pullthrough: {e:#}");
-            ExitCode::FAILURE
+            // A region that cannot be found is a config problem, like any other.
+            match e.downcast_ref::<pullthrough::ServeError>() {
+                Some(pullthrough::ServeError::NoRegion) => ExitCode::from(EXIT_USAGE),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -130,6 +134,7 @@ fn run_serve(config: Config) -> anyhow::Result<bool> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
         let mirror = bind(config.listen).await.context("binding `listen`")?;
         let ops = bind(config.ops_listen)
             .await
@@ -141,9 +146,12 @@ fn run_serve(config: Config) -> anyhow::Result<bool> {
                 "the mirror is not on loopback: anything that reaches it pulls with this node's ECR identity"
             );
         }
-        let drained =
-            pullthrough::serve(config, mirror, ops, pullthrough::signal::shutdown()).await?;
-        Ok(drained)
+        let drained = pullthrough::serve(config, mirror, ops, shutdown).await?;
+        if !drained {
+            tracing::warn!("exiting with requests still in flight after the shutdown grace period");
+        }
+        // A drain cut short by the grace period is still the shutdown that was asked for.
+        Ok(true)
     })
 }
 

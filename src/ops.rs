@@ -14,6 +14,9 @@ use crate::respond::{self, ProxyBody};
 use crate::server::{BoxFuture, Handler};
 use crate::sign::TokenCache;
 
+/// How long `/readyz` waits for a token.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
+
 /// The ops endpoints.
 #[derive(Clone, Debug)]
 pub struct Ops {
@@ -39,9 +42,15 @@ impl Ops {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
-            "/readyz" => match self.tokens.get().await {
-                Ok(_) => text(StatusCode::OK, "ready\n".into()),
-                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+            // Bounded below kubelet's default 1 s probe timeout: a fetch that takes longer (the
+            // SDK retrying) answers "not ready" now rather than a probe timeout later.
+            "/readyz" => match tokio::time::timeout(READY_WAIT, self.tokens.get()).await {
+                Ok(Ok(_)) => text(StatusCode::OK, "ready\n".into()),
+                Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+                Err(_) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: ECR token fetch in progress\n".into(),
+                ),
             },
             "/metrics" => {
                 self.metrics

@@ -181,9 +181,11 @@ impl Proxy {
                     kind: api.kind.label().to_owned(),
                 })
                 .observe(t0.elapsed().as_secs_f64());
-            if resp.status() == StatusCode::UNAUTHORIZED && attempt == 1 {
-                tracing::info!("ECR refused the token; fetching a new one and retrying once");
-                self.inner.tokens.invalidate(&token).await;
+            if resp.status() == StatusCode::UNAUTHORIZED
+                && attempt == 1
+                && self.inner.tokens.refused(&token).await
+            {
+                tracing::info!("ECR refused the token; retrying once with a new one");
                 continue;
             }
             return Ok(resp);
@@ -269,6 +271,8 @@ impl Proxy {
             let mut response = Response::new(respond::empty());
             *response.status_mut() = parts.status;
             *response.headers_mut() = forward::response_headers(&parts.headers);
+            // The body is not relayed, so its length must not be announced.
+            response.headers_mut().remove(CONTENT_LENGTH);
             add_api_version(response.headers_mut());
             return Ok(Served {
                 response,
@@ -309,7 +313,17 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/vnd.oci.image.manifest.v1+json")
             .to_owned();
-        // Cache only what is verified: ECR's digest header (if any) must be the sha256 we computed.
+        // A sha256 digest header that is not the body's sha256 would make containerd fail the
+        // pull instead of falling back: refuse it. Other algorithms pass, uncached.
+        if let Some(h) = header_digest.as_deref()
+            && h.starts_with("sha256:")
+            && h != computed
+        {
+            return Err(ProxyError::DigestMismatch {
+                want: h.to_owned(),
+                got: computed,
+            });
+        }
         let verified = header_digest.as_deref().is_none_or(|h| h == computed);
         let m = CachedManifest {
             body,

@@ -136,7 +136,8 @@ pub enum ProxyError {
         /// What was asked for.
         missing: Missing,
     },
-    /// ECR's content does not match the digest asked for; it is never served or cached.
+    /// ECR's content does not match the digest asked for (or the digest it stated); it is never
+    /// served or cached.
     #[error("the ECR endpoint sent a manifest whose digest is {got}, not {want}")]
     DigestMismatch {
         /// Requested digest.

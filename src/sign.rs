@@ -31,6 +31,9 @@ pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// At most one token refetch per this interval because the registry refused a token. A 401
+/// that no fresh token fixes (a missing permission, say) must not cost an API call per request.
+pub const REFUSAL_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why no token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -190,6 +193,7 @@ struct Inner {
     cache: moka::future::Cache<(), Arc<Token>>,
     backoff: Mutex<Backoff>,
     refreshing: AtomicBool,
+    last_refusal_refetch: Mutex<Option<Instant>>,
     metrics: Metrics,
 }
 
@@ -208,6 +212,7 @@ impl TokenCache {
                 cache: moka::future::Cache::new(1),
                 backoff: Mutex::new(Backoff::default()),
                 refreshing: AtomicBool::new(false),
+                last_refusal_refetch: Mutex::new(None),
                 metrics,
             }),
         }
@@ -236,7 +241,31 @@ impl TokenCache {
             .map_err(|e: Arc<TokenError>| (*e).clone())
     }
 
-    /// Drops `stale` (a token the registry just refused), unless it has been replaced already.
+    /// The registry refused `stale` (a 401). Returns whether retrying with another token makes
+    /// sense: yes if the cache already holds a newer one, or if `stale` is now dropped so the next
+    /// [`get`](Self::get) fetches one; no if a refusal already forced a refetch within
+    /// [`REFUSAL_REFETCH_INTERVAL`].
+    pub async fn refused(&self, stale: &Arc<Token>) -> bool {
+        match self.inner.cache.get(&()).await {
+            Some(current) if Arc::ptr_eq(&current, stale) => {}
+            // Already replaced (or gone): the next `get` has a newer token or fetches one.
+            _ => return true,
+        }
+        {
+            let Ok(mut last) = self.inner.last_refusal_refetch.lock() else {
+                return false;
+            };
+            let now = Instant::now();
+            if last.is_some_and(|t| now.duration_since(t) < REFUSAL_REFETCH_INTERVAL) {
+                return false;
+            }
+            *last = Some(now);
+        }
+        self.invalidate(stale).await;
+        true
+    }
+
+    /// Drops `stale`, unless it has been replaced already.
     pub async fn invalidate(&self, stale: &Arc<Token>) {
         let stale = Arc::clone(stale);
         self.inner
@@ -470,6 +499,32 @@ mod tests {
             t2.authorization()
         );
         assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_refetch_at_most_once_per_interval() {
+        let fake = Fake::new(Some(Duration::from_secs(3600)));
+        let cache = cache(&fake);
+        let t1 = cache.get().await.unwrap();
+        assert!(
+            cache.refused(&t1).await,
+            "first refusal: retry with a new token"
+        );
+        let t2 = cache.get().await.unwrap();
+        assert_eq!(fake.calls(), 2);
+        // A refusal of an already replaced token: retry with the current one, no new call.
+        assert!(cache.refused(&t1).await);
+        // The new token is refused too, right away: no second refetch.
+        assert!(!cache.refused(&t2).await);
+        assert_eq!(
+            cache.get().await.unwrap().authorization(),
+            t2.authorization()
+        );
+        assert_eq!(fake.calls(), 2);
+        tokio::time::advance(REFUSAL_REFETCH_INTERVAL).await;
+        assert!(cache.refused(&t2).await);
+        cache.get().await.unwrap();
+        assert_eq!(fake.calls(), 3);
     }
 
     #[tokio::test(start_paused = true)]

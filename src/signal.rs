@@ -1,22 +1,19 @@
 //! Shutdown signals: SIGTERM (kubelet, systemd) or SIGINT (a terminal).
 
+use std::future::Future;
+
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Resolves on the first SIGTERM or SIGINT. If the handlers cannot be installed, it never
-/// resolves on a signal, and says so; the process can still be killed.
-pub async fn shutdown() {
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                _ = int.recv() => tracing::info!("SIGINT: draining"),
-            }
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves on the first
+/// of them. Call it before anything slow (binding, loading AWS config): until the handlers are
+/// installed, a SIGTERM kills the process instead of draining it. Needs a Tokio runtime.
+pub fn shutdown() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
         }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            std::future::pending::<()>().await;
-        }
-    }
+    })
 }

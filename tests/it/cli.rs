@@ -43,7 +43,7 @@ fn unknown_key_exits_64() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("{path}:3: acount: unknown field `acount`")),
+        err.contains(&format!("{path}:3: ecr.acount: unknown field `acount`")),
         "{err}"
     );
 }
@@ -75,22 +75,43 @@ fn usage_errors_exit_64_and_help_exits_0() {
 
 #[test]
 fn check_config_accepts_the_documented_example() {
-    let example =
-        std::fs::read_to_string(crate::support::repo_root().join("docs/pullthrough.example.toml"))
-            .unwrap();
-    // The example's ca_file points at a node path; drop it for this machine.
-    let text: String = example
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("ca_file"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let (_dir, path) = write_config(&text);
-    let out = run(&["check-config", "--config", &path]);
+    let path = crate::support::repo_root().join("docs/pullthrough.example.toml");
+    let out = run(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (3 upstreams)"));
+}
+
+#[test]
+fn a_bad_ca_file_exits_64() {
+    let (_dir, path) = write_config("[ecr]\nca_file = \"/etc/hostname\"\n");
+    let out = run(&["check-config", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":2: ecr.ca_file: \"/etc/hostname\" holds no PEM certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_account_without_a_region_exits_64() {
+    let (_dir, path) = write_config(
+        "listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.2:0\"\n[ecr]\naccount = \"123456789012\"\n",
+    );
+    let out = Command::new(pullthrough_bin())
+        .args(["serve", "--config", &path])
+        .env_clear()
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set ecr.region or ecr.endpoint"));
 }
 
 #[test]

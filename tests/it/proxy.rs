@@ -257,7 +257,8 @@ async fn accept_negotiation_and_the_manifest_cache() {
     );
     let upstream_path = format!("/v2/docker-hub/library/multi/manifests/{}", index.digest());
 
-    // An Accept without the index type gets whatever the registry gives such a client.
+    // An Accept without the index type gets what the registry gives such a client, because the
+    // client's Accept is what reaches the registry.
     let only_manifest = [("accept", MANIFEST)];
     let proxied = via(
         &s.pt,
@@ -271,18 +272,35 @@ async fn accept_negotiation_and_the_manifest_cache() {
         &only_manifest,
     )
     .await;
-    assert_eq!(proxied.status().is_success(), plain.status().is_success());
+    assert_eq!(proxied.status(), plain.status());
     if plain.status().is_success() {
         assert_eq!(proxied.body(), plain.body());
+        assert_eq!(
+            header(&proxied, "content-type"),
+            header(&plain, "content-type")
+        );
+    } else {
+        assert_eq!(oci_code(&proxied), oci_code(&plain));
     }
+    // And with the index type accepted, the index itself.
+    let proxied = via(
+        &s.pt,
+        "/v2/library/multi/manifests/1?ns=docker.io",
+        &[("accept", INDEX)],
+    )
+    .await;
+    assert_eq!(proxied.status(), StatusCode::OK);
+    assert_eq!(proxied.body(), &index.root.bytes);
 
-    // By digest with the index type accepted: fetched once, then served from the cache.
+    // That GET by tag verified the index against ECR's digest header and cached it: reads by
+    // digest are now served locally, without a request to ECR.
     let accept = [("accept", ACCEPT)];
     for _ in 0..3 {
         let resp = via(&s.pt, &by_digest, &accept).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.body(), &index.root.bytes);
         assert_eq!(header(&resp, "content-type"), INDEX);
+        assert_eq!(header(&resp, "docker-content-digest"), index.digest());
     }
     let fetched = |reg: &Registry| {
         reg.paths_seen()
@@ -290,17 +308,17 @@ async fn accept_negotiation_and_the_manifest_cache() {
             .filter(|p| **p == upstream_path)
             .count()
     };
-    assert_eq!(fetched(&s.registry), 1, "{:?}", s.registry.requests());
+    assert_eq!(fetched(&s.registry), 0, "{:?}", s.registry.requests());
     let hits =
         s.pt.access_log()
             .iter()
             .filter(|l| l["cache"] == "hit")
             .count();
-    assert_eq!(hits, 2);
+    assert_eq!(hits, 3);
 
     // A client that does not accept the cached type is not served from the cache.
     via(&s.pt, &by_digest, &only_manifest).await;
-    assert_eq!(fetched(&s.registry), 2);
+    assert_eq!(fetched(&s.registry), 1);
 }
 
 #[tokio::test]
@@ -426,11 +444,35 @@ async fn client_credentials_never_reach_the_registry() {
 
 #[tokio::test]
 async fn a_hundred_concurrent_cold_requests_make_one_token_call() {
-    let s = stack().await;
-    let url = format!(
-        "{}/v2/library/alpine/manifests/3.19?ns=docker.io",
-        s.pt.url()
+    let mut moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    registry
+        .push("docker-hub/library/alpine", "3.19", &Image::small("alpine"))
+        .await;
+    // pullthrough fetches a token at start-up. With the token API down then, that fetch fails and
+    // the cache stays cold; /readyz saying so means the start-up fetch is over.
+    moto.stop();
+    let pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    let mut ready = 0;
+    for _ in 0..100 {
+        ready = pt.ready_status().await;
+        if ready == 503 && pt.log().contains("ECR token fetch failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, 503);
+    moto.restart_with_account(crate::support::moto::DEFAULT_ACCOUNT)
+        .await;
+    // Let the backoff after that failure (at most 1 s) run out, without asking for a token.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        moto.token_calls(),
+        0,
+        "nothing reached moto while it was down"
     );
+
+    let url = format!("{}/v2/library/alpine/manifests/3.19?ns=docker.io", pt.url());
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let url = url.clone();
@@ -440,11 +482,7 @@ async fn a_hundred_concurrent_cold_requests_make_one_token_call() {
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
     }
-    assert_eq!(s.moto.token_calls(), 1);
-    assert_eq!(
-        s.pt.metric("pullthrough_token_fetches_total").await,
-        Some(1.0)
-    );
+    assert_eq!(moto.token_calls(), 1);
 }
 
 #[tokio::test]
@@ -949,4 +987,81 @@ async fn a_manifest_that_does_not_match_its_digest_is_refused() {
     .await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(oci_code(&resp), "MANIFEST_INVALID");
+}
+
+#[tokio::test]
+async fn a_refusal_that_a_new_token_cannot_fix_is_404_after_one_retry() {
+    let moto = Moto::start().await;
+    // The registry does not take moto's token at all (a missing permission, say).
+    let registry = Registry::start("another-password").await;
+    let pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    let path = "/v2/library/alpine/manifests/3.19?ns=docker.io";
+    let resp = via(&pt, path, &[("accept", ACCEPT)]).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(oci_code(&resp), "MANIFEST_UNKNOWN");
+    let statuses: Vec<u16> = registry.requests().iter().map(|(_, _, st)| *st).collect();
+    assert_eq!(statuses, vec![401, 401], "one retry with a fresh token");
+    let calls = moto.token_calls();
+    assert_eq!(calls, 2, "start-up fetch and one refetch");
+    // More refusals right after: no retry, no token call each.
+    for _ in 0..5 {
+        assert_eq!(
+            via(&pt, path, &[("accept", ACCEPT)]).await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(registry.requests().len(), 7);
+    assert_eq!(moto.token_calls(), calls);
+}
+
+#[tokio::test]
+async fn a_tag_whose_digest_header_lies_is_refused() {
+    let body = r#"{"schemaVersion":2}"#;
+    let sha = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let raw = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {MANIFEST}\r\nDocker-Content-Digest: {sha}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let resp = through_raw(
+        &Moto::start().await,
+        raw,
+        "/v2/alpine/manifests/1?ns=docker.io",
+        Method::HEAD,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert!(resp.headers().get("docker-content-digest").is_none());
+}
+
+#[tokio::test]
+async fn sigterm_exits_0_after_the_grace_period_even_with_a_stuck_client() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let image = Image::with_big_layer("big", 64 << 20);
+    registry.push("docker-hub/library/big", "1", &image).await;
+    let mut opts = Options::new(&registry.base_url(), &moto.endpoint());
+    opts.extra = opts
+        .extra
+        .replace("shutdown = \"20s\"", "shutdown = \"1s\"");
+    let mut pt = Pullthrough::start(opts).await;
+    let layer = image.largest_layer();
+    let url = format!(
+        "{}/v2/library/big/blobs/{}?ns=docker.io",
+        pt.url(),
+        layer.digest
+    );
+    let resp = send_streaming(request(Method::GET, &url, &[]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The client reads nothing more: the drain cannot finish within the grace period.
+    pt.sigterm();
+    let status = pt
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("pullthrough exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(pt.log().contains("grace period over"), "{}", pt.log());
+    drop(resp);
 }

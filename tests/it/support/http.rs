@@ -42,20 +42,24 @@ pub async fn send_streaming(mut req: Request<Full<Bytes>>) -> Result<Response<In
         let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
         req.headers_mut().insert(HOST, host);
     }
-    sender
-        .send_request(req)
+    // Bounds a regression that hangs instead of failing; asserts nothing about time.
+    tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req))
         .await
+        .map_err(|_| format!("{method} {uri}: no response within {REQUEST_TIMEOUT:?}"))?
         .map_err(|e| format!("{method} {uri}: {e}"))
 }
+
+/// Upper bound for any one request's response head in the tests.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Sends `req` and reads the whole response body.
 pub async fn send(req: Request<Full<Bytes>>) -> Result<Response<Bytes>, String> {
     let uri = req.uri().clone();
     let resp = send_streaming(req).await?;
     let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
+    let body = tokio::time::timeout(REQUEST_TIMEOUT, body.collect())
         .await
+        .map_err(|_| format!("reading body of {uri}: nothing within {REQUEST_TIMEOUT:?}"))?
         .map_err(|e| format!("reading body of {uri}: {e}"))?
         .to_bytes();
     Ok(Response::from_parts(parts, body))

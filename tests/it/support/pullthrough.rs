@@ -211,7 +211,9 @@ pub struct Recorder {
 impl Recorder {
     /// Starts it on a free loopback port.
     pub async fn start() -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(("127.0.0.1", free_port()))
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let seen: Arc<Mutex<Vec<(String, HeaderMap)>>> = Arc::default();
         let log = Arc::clone(&seen);
@@ -266,7 +268,9 @@ pub struct BlackHole {
 impl BlackHole {
     /// Starts it on a free loopback port.
     pub async fn start() -> BlackHole {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(("127.0.0.1", free_port()))
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
@@ -309,7 +313,9 @@ impl RawUpstream {
     /// Starts it on a free loopback port.
     pub async fn start(response: Vec<u8>, then: Then) -> RawUpstream {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(("127.0.0.1", free_port()))
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let response = Arc::new(response);
         let task = tokio::spawn(async move {
