@@ -14,10 +14,9 @@
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use support::containerd::Containerd;
 use support::image::Image;
 use support::moto::Moto;
@@ -86,33 +85,17 @@ async fn main() -> anyhow::Result<()> {
     registry.clear_requests();
 
     step("starting pullthrough serve");
-    let dead = format!("http://127.0.0.1:{}", support::dead_port());
-    let mut opts = Options::new(&registry.base_url(), &moto.endpoint());
-    opts.extra = format!(
-        "[upstreams.\"docker.io\"]\nprefix = \"docker-hub\"\nserver = \"{dead}\"\n\n\
-         [upstreams.\"quay.io\"]\nprefix = \"quay\"\nserver = \"{dead}\"\n\n\
-         [upstreams.\"registry.k8s.io\"]\nprefix = \"kubernetes\"\nserver = \"{dead}\"\n"
-    );
+    let (opts, _dead) = Options::with_dead_servers(&registry.base_url(), &moto.endpoint());
     let pt = Pullthrough::start(opts).await;
     println!("    mirror {}   ops {}", pt.url(), pt.ops_url());
     println!("    config {}", pt.config_path().display());
 
     step("writing containerd hosts.toml files with `pullthrough hosts`");
     let certs = support::short_tempdir("demo-certs");
-    let out = Command::new(support::pullthrough_bin())
-        .args(["hosts", "--config"])
-        .arg(pt.config_path())
-        .arg("--dir")
-        .arg(certs.path())
-        .output()
-        .context("running pullthrough hosts")?;
-    if !out.status.success() {
-        bail!(
-            "pullthrough hosts failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    let written = pt
+        .write_hosts(certs.path())
+        .map_err(|e| anyhow::anyhow!("pullthrough hosts failed: {e}"))?;
+    print!("{}", indent(&written));
     let hub = std::fs::read_to_string(certs.path().join("docker.io/hosts.toml"))?;
     println!("    docker.io/hosts.toml:");
     print!("{}", indent(&indent(&hub)));

@@ -3,14 +3,12 @@
 //! `ctr images pull --hosts-dir`. Every `server` in those files is a dead loopback port, so a
 //! pull can only succeed through the mirror, and a broken test can never reach the internet.
 
-use std::process::Command;
-
 use crate::support::containerd::Containerd;
 use crate::support::image::Image;
 use crate::support::moto::Moto;
 use crate::support::pullthrough::{Options, Pullthrough};
 use crate::support::registry::Registry;
-use crate::support::{dead_port, pullthrough_bin, short_tempdir};
+use crate::support::short_tempdir;
 
 struct Case {
     reference: &'static str,
@@ -60,30 +58,12 @@ async fn containerd_pulls_every_image_through_pullthrough() {
     }
     registry.clear_requests();
 
-    let dead = format!("http://127.0.0.1:{}", dead_port());
-    let mut opts = Options::new(&registry.base_url(), &moto.endpoint());
-    opts.extra = format!(
-        "[timeouts]\nconnect = \"1s\"\nresponse_headers = \"5s\"\n\n\
-         [upstreams.\"docker.io\"]\nprefix = \"docker-hub\"\nserver = \"{dead}\"\n\n\
-         [upstreams.\"quay.io\"]\nprefix = \"quay\"\nserver = \"{dead}\"\n\n\
-         [upstreams.\"registry.k8s.io\"]\nprefix = \"kubernetes\"\nserver = \"{dead}\"\n"
-    );
+    let (opts, dead) = Options::with_dead_servers(&registry.base_url(), &moto.endpoint());
     let pt = Pullthrough::start(opts).await;
 
     // `pullthrough hosts` writes containerd's certs.d.
     let certs = short_tempdir("certs");
-    let out = Command::new(pullthrough_bin())
-        .args(["hosts", "--config"])
-        .arg(pt.config_path())
-        .arg("--dir")
-        .arg(certs.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pt.write_hosts(certs.path()).unwrap();
     for reg in ["docker.io", "quay.io", "registry.k8s.io"] {
         let text = std::fs::read_to_string(certs.path().join(reg).join("hosts.toml")).unwrap();
         assert!(text.contains(&format!("server = \"{dead}\"")), "{text}");

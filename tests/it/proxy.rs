@@ -8,7 +8,7 @@ use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::support::http::{get, header, request, send, send_streaming};
-use crate::support::image::{ACCEPT, INDEX, Image, MANIFEST};
+use crate::support::image::{ACCEPT, Blob, INDEX, Image, MANIFEST};
 use crate::support::moto::Moto;
 use crate::support::pullthrough::{BlackHole, Options, Pullthrough, RawUpstream, Recorder, Then};
 use crate::support::registry::Registry;
@@ -741,14 +741,27 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
     assert_eq!(line["bytes"], s.images.alpine.root.bytes.len());
 }
 
-#[tokio::test]
-async fn sigterm_lets_an_in_flight_blob_finish() {
+/// A pullthrough with `shutdown` grace, streaming a 64 MiB blob to a client that has read only
+/// the response head. The stand-ins come along so they outlive the test's use of them.
+async fn big_blob_in_flight(
+    shutdown: &str,
+) -> (
+    Moto,
+    Registry,
+    Pullthrough,
+    Blob,
+    http::Response<hyper::body::Incoming>,
+) {
     let moto = Moto::start().await;
     let registry = Registry::start(&moto.password()).await;
     let image = Image::with_big_layer("big", 64 << 20);
     registry.push("docker-hub/library/big", "1", &image).await;
-    let mut pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
-    let layer = image.largest_layer();
+    let mut opts = Options::new(&registry.base_url(), &moto.endpoint());
+    opts.extra = opts
+        .extra
+        .replace("shutdown = \"20s\"", &format!("shutdown = \"{shutdown}\""));
+    let pt = Pullthrough::start(opts).await;
+    let layer = image.largest_layer().clone();
     let url = format!(
         "{}/v2/library/big/blobs/{}?ns=docker.io",
         pt.url(),
@@ -758,6 +771,12 @@ async fn sigterm_lets_an_in_flight_blob_finish() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+    (moto, registry, pt, layer, resp)
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_blob_finish() {
+    let (_moto, _registry, mut pt, layer, resp) = big_blob_in_flight("20s").await;
     let mut body = resp.into_body();
     let mut received: Vec<u8> = Vec::with_capacity(layer.size());
     // Take the first bytes, so the stream is surely under way, then ask pullthrough to stop.
@@ -1030,25 +1049,7 @@ async fn a_tag_whose_digest_header_lies_is_refused() {
 
 #[tokio::test]
 async fn sigterm_exits_0_after_the_grace_period_even_with_a_stuck_client() {
-    let moto = Moto::start().await;
-    let registry = Registry::start(&moto.password()).await;
-    let image = Image::with_big_layer("big", 64 << 20);
-    registry.push("docker-hub/library/big", "1", &image).await;
-    let mut opts = Options::new(&registry.base_url(), &moto.endpoint());
-    opts.extra = opts
-        .extra
-        .replace("shutdown = \"20s\"", "shutdown = \"1s\"");
-    let mut pt = Pullthrough::start(opts).await;
-    let layer = image.largest_layer();
-    let url = format!(
-        "{}/v2/library/big/blobs/{}?ns=docker.io",
-        pt.url(),
-        layer.digest
-    );
-    let resp = send_streaming(request(Method::GET, &url, &[]))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let (_moto, _registry, mut pt, _layer, resp) = big_blob_in_flight("1s").await;
     // The client reads nothing more: the drain cannot finish within the grace period.
     pt.sigterm();
     let status = pt

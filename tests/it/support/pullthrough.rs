@@ -19,16 +19,28 @@ use tokio::net::TcpListener;
 use super::{ChildGuard, eventually, free_port, http, pullthrough_bin};
 
 /// The upstreams every test config has, with the console's prefixes.
-pub const UPSTREAMS: &str = r#"
-[upstreams."docker.io"]
-prefix = "docker-hub"
+pub const TEST_UPSTREAMS: &[(&str, &str)] = &[
+    ("docker.io", "docker-hub"),
+    ("quay.io", "quay"),
+    ("registry.k8s.io", "kubernetes"),
+];
 
-[upstreams."quay.io"]
-prefix = "quay"
+/// `[upstreams."…"]` tables for [`TEST_UPSTREAMS`], each with `server` if one is given.
+pub fn upstreams_toml(server: Option<&str>) -> String {
+    TEST_UPSTREAMS
+        .iter()
+        .map(|(registry, prefix)| {
+            let server = server
+                .map(|s| format!("server = \"{s}\"\n"))
+                .unwrap_or_default();
+            format!("\n[upstreams.\"{registry}\"]\nprefix = \"{prefix}\"\n{server}")
+        })
+        .collect()
+}
 
-[upstreams."registry.k8s.io"]
-prefix = "kubernetes"
-"#;
+/// The short timeouts every test config has.
+pub const TEST_TIMEOUTS: &str =
+    "[timeouts]\nconnect = \"1s\"\nresponse_headers = \"2s\"\nshutdown = \"20s\"\n";
 
 /// A running `pullthrough serve`; killed on drop.
 pub struct Pullthrough {
@@ -59,12 +71,20 @@ impl Options {
         Options {
             endpoint: endpoint.to_owned(),
             ecr_api: ecr_api.to_owned(),
-            extra: format!(
-                "[timeouts]\nconnect = \"1s\"\nresponse_headers = \"2s\"\nshutdown = \"20s\"\n{UPSTREAMS}"
-            ),
+            extra: format!("{TEST_TIMEOUTS}{}", upstreams_toml(None)),
             default_upstream: None,
             rust_log: "info,aws_config=warn,aws_smithy_runtime=warn".into(),
         }
+    }
+
+    /// Like [`Options::new`], but every upstream's `server` (the fallback containerd uses when
+    /// the mirror fails) is a dead loopback port, so a pull can only succeed through the mirror
+    /// and never reaches the internet. Returns the options and that dead URL.
+    pub fn with_dead_servers(endpoint: &str, ecr_api: &str) -> (Options, String) {
+        let dead = format!("http://127.0.0.1:{}", super::dead_port());
+        let mut opts = Options::new(endpoint, ecr_api);
+        opts.extra = format!("{TEST_TIMEOUTS}{}", upstreams_toml(Some(&dead)));
+        (opts, dead)
     }
 }
 
@@ -117,6 +137,22 @@ impl Pullthrough {
     /// The config file it runs with.
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// Runs `pullthrough hosts` with this instance's config, writing into `dir`; its stdout (the
+    /// paths written), or its stderr on failure.
+    pub fn write_hosts(&self, dir: &Path) -> Result<String, String> {
+        let out = Command::new(pullthrough_bin())
+            .args(["hosts", "--config"])
+            .arg(&self.config_path)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("running pullthrough hosts: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Its working directory (for hosts.toml and the like).
