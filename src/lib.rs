@@ -18,16 +18,20 @@
 //! [`proxy`] strings them together for one request, with [`cache`] for verified manifests and
 //! [`accesslog`] for the per-request log line. Around it: [`config`] (raw TOML → validated
 //! [`config::Config`]), [`server`] (accept loop with graceful drain), [`ops`] (`/healthz`,
-//! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`).
+//! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`, and
+//! the same routing for CRI-O and Bottlerocket). On the node, [`node`] installs the `hosts.toml`
+//! files once the mirror is ready, after [`containerd_config`] has checked containerd reads them.
 //! `main.rs` is only the command line.
 
 pub mod accesslog;
 pub mod cache;
 pub mod config;
+pub mod containerd_config;
 pub mod forward;
 pub mod hosts;
 pub mod map;
 pub mod metrics;
+pub mod node;
 pub mod ops;
 pub mod proxy;
 pub mod respond;

@@ -25,6 +25,16 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum HostsFormat {
+    /// containerd certs.d/<registry>/hosts.toml files.
+    Containerd,
+    /// A containers-registries.conf(5) drop-in (CRI-O, podman, skopeo).
+    RegistriesConf,
+    /// Bottlerocket settings (TOML for user data or `apiclient apply`).
+    Bottlerocket,
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -39,14 +49,48 @@ enum Command {
         #[arg(long, env = "PULLTHROUGH_CONFIG")]
         config: PathBuf,
     },
-    /// Write containerd hosts.toml files naming this mirror, one per configured upstream.
+    /// Write containerd hosts.toml files naming this mirror, one per configured upstream; or
+    /// remove them; or print the same routing for CRI-O/podman or Bottlerocket.
     Hosts {
-        /// Config file (TOML).
-        #[arg(long, env = "PULLTHROUGH_CONFIG")]
-        config: PathBuf,
+        /// Config file (TOML). Not needed with --remove.
+        #[arg(long, env = "PULLTHROUGH_CONFIG", required_unless_present = "remove")]
+        config: Option<PathBuf>,
         /// containerd's certs.d directory.
         #[arg(long, default_value = "/etc/containerd/certs.d")]
         dir: PathBuf,
+        /// Remove every file pullthrough wrote under --dir and restore the files it merged into.
+        #[arg(long, conflicts_with = "format")]
+        remove: bool,
+        /// What to produce: containerd files in --dir, or a registries.conf drop-in or
+        /// Bottlerocket settings on stdout.
+        #[arg(long, value_enum, default_value_t = HostsFormat::Containerd)]
+        format: HostsFormat,
+    },
+    /// The DaemonSet's installer: wait for the mirror, check containerd, install hosts.toml
+    /// files and keep them right; or, with --remove, take them out. Exits on SIGTERM, leaving
+    /// the files in place.
+    Node {
+        /// Config file (TOML), the mirror's.
+        #[arg(long, env = "PULLTHROUGH_CONFIG")]
+        config: PathBuf,
+        /// Where the host's / is mounted.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+        /// containerd's certs.d, as a host path.
+        #[arg(long, default_value = "/etc/containerd/certs.d")]
+        certs_dir: String,
+        /// containerd's config file, as a host path.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: String,
+        /// The agent's own /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "0.0.0.0:5052")]
+        listen: SocketAddr,
+        /// How often to re-check containerd and re-install the files.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        resync: std::time::Duration,
+        /// Uninstall: remove pullthrough's files, then idle as ready.
+        #[arg(long)]
+        remove: bool,
     },
     /// Validate a config file and exit.
     CheckConfig {
@@ -69,10 +113,17 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.log_format);
+    if let Command::Hosts {
+        remove: true, dir, ..
+    } = &cli.command
+    {
+        return exit(run_remove(dir));
+    }
     let config_path = match &cli.command {
         Command::Serve { config }
-        | Command::Hosts { config, .. }
+        | Command::Node { config, .. }
         | Command::CheckConfig { config } => config.clone(),
+        Command::Hosts { config, .. } => config.clone().unwrap_or_default(),
     };
     let config = match Config::load(&config_path) {
         Ok(c) => c,
@@ -80,7 +131,26 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve { .. } => run_serve(config),
-        Command::Hosts { dir, .. } => run_hosts(&config, &dir),
+        Command::Hosts { dir, format, .. } => run_hosts(&config, &dir, format),
+        Command::Node {
+            host_root,
+            certs_dir,
+            containerd_config,
+            listen,
+            resync,
+            remove,
+            ..
+        } => run_node(
+            config,
+            listen,
+            pullthrough::node::NodeOptions {
+                host_root,
+                certs_dir,
+                containerd_config,
+                resync,
+                remove,
+            },
+        ),
         Command::CheckConfig { .. } => {
             println!(
                 "{}: ok ({} upstreams)",
@@ -90,6 +160,10 @@ fn main() -> ExitCode {
             Ok(true)
         }
     };
+    exit(result)
+}
+
+fn exit(result: anyhow::Result<bool>) -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -161,10 +235,45 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-fn run_hosts(config: &Config, dir: &std::path::Path) -> anyhow::Result<bool> {
-    let written = pullthrough::hosts::write_all(config, dir)?;
-    for p in written {
-        println!("{}", p.display());
+fn run_hosts(config: &Config, dir: &std::path::Path, format: HostsFormat) -> anyhow::Result<bool> {
+    use pullthrough::hosts;
+    match format {
+        HostsFormat::Containerd => print_reports(&hosts::install(config, dir)?),
+        HostsFormat::RegistriesConf => print!("{}", hosts::render_registries_conf(config)),
+        HostsFormat::Bottlerocket => print!("{}", hosts::render_bottlerocket(config)),
     }
     Ok(true)
+}
+
+fn run_remove(dir: &std::path::Path) -> anyhow::Result<bool> {
+    let reports = pullthrough::hosts::remove(dir)?;
+    if reports.is_empty() {
+        println!("{}: no files of pullthrough's", dir.display());
+    }
+    print_reports(&reports);
+    Ok(true)
+}
+
+fn print_reports(reports: &[pullthrough::hosts::Report]) {
+    for r in reports {
+        println!("{}: {}", r.path.display(), r.change);
+    }
+}
+
+fn run_node(
+    config: Config,
+    listen: SocketAddr,
+    opts: pullthrough::node::NodeOptions,
+) -> anyhow::Result<bool> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
+        let listener = bind(listen).await.context("binding --listen")?;
+        tracing::info!(%listen, remove = opts.remove, "node agent listening");
+        pullthrough::node::run(config, opts, listener, shutdown).await?;
+        Ok(true)
+    })
 }

@@ -56,22 +56,7 @@ impl Ops {
                 self.metrics
                     .token_seconds_left
                     .set(self.tokens.seconds_left().await);
-                let mut out = String::new();
-                if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry)
-                {
-                    return text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("encoding metrics: {e}\n"),
-                    );
-                }
-                let mut resp = Response::new(respond::full(out));
-                resp.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                resp
+                encode_metrics(&self.registry)
             }
             _ => text(
                 StatusCode::NOT_FOUND,
@@ -81,7 +66,25 @@ impl Ops {
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+/// `/metrics`: the registry in OpenMetrics text.
+pub(crate) fn encode_metrics(registry: &Registry) -> Response<ProxyBody> {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        );
+    }
+    let mut resp = Response::new(respond::full(out));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+/// A plain-text answer.
+pub(crate) fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut resp = Response::new(respond::full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

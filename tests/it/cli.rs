@@ -114,9 +114,29 @@ fn an_account_without_a_region_exits_64() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("set ecr.region or ecr.endpoint"));
 }
 
+/// Every file under `dir`, relative path → bytes (`<dir>` for directories).
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if p.is_dir() {
+                out.push((rel, b"<dir>".to_vec()));
+                walk(root, &p, out);
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
 #[test]
-fn hosts_writes_one_file_per_upstream() {
-    let (dir, path) = write_config("listen = \"0.0.0.0:5050\"\n");
+fn containerd_hosts_examples_match_the_renderer() {
+    let (dir, path) = write_config("listen = \"127.0.0.1:5050\"\n");
     let certs = dir.path().join("certs.d");
     let out = run(&["hosts", "--config", &path, "--dir", certs.to_str().unwrap()]);
     assert!(
@@ -124,26 +144,99 @@ fn hosts_writes_one_file_per_upstream() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut regs: Vec<String> = std::fs::read_dir(&certs)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches(": created").count(), 6, "{stdout}");
+    let examples = crate::support::repo_root().join("containerd-hosts");
+    let want: Vec<_> = snapshot(&examples)
+        .into_iter()
+        .filter(|(p, _)| p != "README.md")
         .collect();
-    regs.sort();
     assert_eq!(
-        regs,
-        [
-            "docker.io",
-            "ghcr.io",
-            "public.ecr.aws",
-            "quay.io",
-            "registry.gitlab.com",
-            "registry.k8s.io"
-        ]
+        snapshot(&certs),
+        want,
+        "containerd-hosts/ drifted: see its README"
     );
-    let hub = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap();
-    let golden = std::fs::read_to_string(
-        crate::support::repo_root().join("tests/fixtures/hosts/docker.io.toml"),
+}
+
+#[test]
+fn hosts_install_then_remove_restores_a_hand_written_file_byte_for_byte() {
+    let (dir, path) = write_config("listen = \"127.0.0.1:5050\"\n");
+    let certs = dir.path().join("certs.d");
+    let hand = "# ours\nserver = \"https://registry-1.docker.io\"\n\n[host.\"https://mirror.corp.example\"]\n  capabilities = [\"pull\"]\n";
+    std::fs::create_dir_all(certs.join("docker.io")).unwrap();
+    std::fs::write(certs.join("docker.io/hosts.toml"), hand).unwrap();
+    std::fs::create_dir_all(certs.join("corp.example:5000")).unwrap();
+    std::fs::write(
+        certs.join("corp.example:5000/hosts.toml"),
+        "server = \"https://corp.example:5000\"\n",
     )
     .unwrap();
-    assert_eq!(hub, golden);
+    let before = snapshot(&certs);
+
+    let out = run(&["hosts", "--config", &path, "--dir", certs.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("docker.io/hosts.toml: merged"), "{stdout}");
+    let merged = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap();
+    let ours = merged.find("[host.\"http://127.0.0.1:5050\"]").unwrap();
+    assert!(
+        ours < merged
+            .find("[host.\"https://mirror.corp.example\"]")
+            .unwrap(),
+        "{merged}"
+    );
+
+    // --remove needs no config.
+    let out = run(&["hosts", "--remove", "--dir", certs.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("docker.io/hosts.toml: restored"));
+    assert_eq!(snapshot(&certs), before);
+}
+
+#[test]
+fn hosts_without_config_or_remove_is_a_usage_error() {
+    let out = run(&["hosts", "--dir", "/nonexistent"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}
+
+#[rstest::rstest]
+#[case::registries_conf(
+    "registries-conf",
+    "[[registry.mirror]]\nlocation = \"127.0.0.1:5050/quay.io\""
+)]
+#[case::bottlerocket(
+    "bottlerocket",
+    "[[settings.container-registry.mirrors]]\nregistry = \"quay.io\"\nendpoint = [\"http://127.0.0.1:5050\"]"
+)]
+fn hosts_prints_other_runtime_formats(#[case] format: &str, #[case] want: &str) {
+    let (dir, path) =
+        write_config("listen = \"127.0.0.1:5050\"\n[upstreams.\"quay.io\"]\nprefix = \"quay\"\n");
+    let out = run(&[
+        "hosts",
+        "--config",
+        &path,
+        "--format",
+        format,
+        "--dir",
+        dir.path().join("untouched").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(want));
+    assert!(
+        !dir.path().join("untouched").exists(),
+        "other formats write nothing to --dir"
+    );
 }
