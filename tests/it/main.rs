@@ -13,5 +13,6 @@
 mod cli;
 mod e2e;
 mod harness;
+mod node;
 mod proxy;
 mod support;

@@ -1,0 +1,220 @@
+//! The node agent (`pullthrough node`), as the DaemonSet runs it beside the mirror: it installs
+//! hosts.toml files only once the mirror is ready, reports containerd configs that ignore
+//! certs.d, leaves the files in place on SIGTERM, and `--remove` puts the node back.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::moto::Moto;
+use crate::support::pullthrough::{Options, Pullthrough};
+use crate::support::registry::Registry;
+use crate::support::{ChildGuard, EVENTUALLY_TIMEOUT, free_port, http, pullthrough_bin};
+
+const AL2023_CONTAINERD: &str = "version = 2\nimports = [\"/etc/containerd/config.d/*.toml\"]\n\
+[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d:/etc/docker/certs.d\"\n";
+const NO_CONFIG_PATH: &str =
+    "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause\"\n";
+
+/// A host filesystem in a temp dir: `/etc/containerd/config.toml` and an empty certs.d.
+struct Host {
+    root: tempfile::TempDir,
+}
+
+impl Host {
+    fn new(containerd_config: &str) -> Host {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc/containerd");
+        std::fs::create_dir_all(etc.join("certs.d")).unwrap();
+        std::fs::write(etc.join("config.toml"), containerd_config).unwrap();
+        Host { root }
+    }
+    fn certs(&self) -> PathBuf {
+        self.root.path().join("etc/containerd/certs.d")
+    }
+    fn hosts_files(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.certs())
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path().join("hosts.toml");
+                p.exists().then(|| {
+                    p.parent()
+                        .unwrap()
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+struct Agent {
+    child: ChildGuard,
+    port: u16,
+    _logs: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start(config: &Path, host: &Host, extra: &[&str]) -> Agent {
+        let logs = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(pullthrough_bin());
+        cmd.args(["--log-format", "json", "node", "--config"])
+            .arg(config)
+            .arg("--host-root")
+            .arg(host.root.path())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--resync", "1s"])
+            .args(extra)
+            .env_clear()
+            .env("RUST_LOG", "info");
+        let mut child = ChildGuard::spawn("node", &mut cmd, logs.path());
+        child.wait_for_port(port).await;
+        Agent {
+            child,
+            port,
+            _logs: logs,
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let resp = http::get(&format!("http://127.0.0.1:{}{path}", self.port), &[])
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body()).into_owned(),
+        )
+    }
+
+    /// Polls `/readyz` until its body contains `want`; returns the status.
+    async fn readyz_until(&self, want: &str) -> u16 {
+        let deadline = tokio::time::Instant::now() + EVENTUALLY_TIMEOUT;
+        loop {
+            let (status, body) = self.get("/readyz").await;
+            if body.contains(want) {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "readyz never said {want:?}; last: {status} {body}\n{}",
+                self.child.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+#[tokio::test]
+async fn installs_only_once_the_mirror_is_ready_and_leaves_the_files_on_sigterm() {
+    let mut moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    // The token API is down: the mirror runs but is not ready.
+    moto.stop();
+    let pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    let host = Host::new(AL2023_CONTAINERD);
+    let mut agent = Agent::start(pt.config_path(), &host, &[]).await;
+
+    assert_eq!(agent.readyz_until("waiting for the mirror").await, 503);
+    assert!(host.hosts_files().is_empty(), "{:?}", host.hosts_files());
+    assert_eq!(agent.metric("pullthrough_node_installed").await, Some(0.0));
+
+    // The token API comes back; the mirror turns ready; the agent installs.
+    let account = moto.account().to_owned();
+    moto.restart_with_account(&account).await;
+    assert_eq!(agent.readyz_until("hosts.toml files installed").await, 200);
+    assert_eq!(
+        host.hosts_files(),
+        ["docker.io", "quay.io", "registry.k8s.io"]
+    );
+    let hub = std::fs::read_to_string(host.certs().join("docker.io/hosts.toml")).unwrap();
+    assert!(hub.contains(&format!("[host.\"{}\"]", pt.url())), "{hub}");
+    assert_eq!(
+        agent
+            .metric("pullthrough_node_containerd_config_path{state=\"used\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(agent.metric("pullthrough_node_installed").await, Some(1.0));
+
+    agent.child.sigterm();
+    let status = agent
+        .child
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        host.hosts_files(),
+        ["docker.io", "quay.io", "registry.k8s.io"]
+    );
+}
+
+#[tokio::test]
+async fn reports_not_ready_when_containerd_ignores_certs_d_and_remove_puts_the_node_back() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    let host = Host::new(NO_CONFIG_PATH);
+    // A file the node already had.
+    let hand = "server = \"https://quay.io\"\n[host.\"https://quay-mirror.corp.example\"]\n";
+    std::fs::create_dir_all(host.certs().join("quay.io")).unwrap();
+    std::fs::write(host.certs().join("quay.io/hosts.toml"), hand).unwrap();
+
+    let mut agent = Agent::start(pt.config_path(), &host, &[]).await;
+    assert_eq!(
+        agent.readyz_until("sets no registry config_path").await,
+        503
+    );
+    assert_eq!(
+        agent
+            .metric("pullthrough_node_containerd_config_path{state=\"not_used\"}")
+            .await,
+        Some(1.0)
+    );
+    assert!(
+        agent
+            .child
+            .stderr()
+            .contains("containerd does not read certs.d")
+    );
+    // The files go in anyway: harmless, and right as soon as containerd is configured.
+    assert_eq!(
+        host.hosts_files(),
+        ["docker.io", "quay.io", "registry.k8s.io"]
+    );
+    agent.child.sigterm();
+    agent
+        .child
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // The uninstall DaemonSet's container.
+    let remover = Agent::start(pt.config_path(), &host, &["--remove"]).await;
+    assert_eq!(remover.readyz_until("removed").await, 200);
+    assert_eq!(host.hosts_files(), ["quay.io"]);
+    assert_eq!(
+        std::fs::read_to_string(host.certs().join("quay.io/hosts.toml")).unwrap(),
+        hand
+    );
+    let left: Vec<_> = std::fs::read_dir(host.certs())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        left,
+        ["quay.io"],
+        "directories pullthrough created are gone"
+    );
+}
