@@ -147,3 +147,187 @@ async fn containerd_pulls_every_image_through_pullthrough() {
         .collect();
     assert!(failed.is_empty(), "{failed:?}");
 }
+
+/// The node lifecycle with a real containerd: a certs.d that already has a hand-written
+/// `hosts.toml` (pointing at a second local registry that plays the real upstream), then
+/// install, pull through the mirror, remove, and pull again straight from that upstream.
+#[tokio::test]
+async fn install_pull_remove_restores_the_node_and_pulls_go_upstream() {
+    let moto = Moto::start().await;
+    let ecr = Registry::start(&moto.password()).await;
+    let upstream = Registry::start_open().await;
+    let image = Image::small("app");
+    ecr.push("quay/org/app", "1", &image).await;
+    upstream.push("org/app", "1", &image).await;
+    ecr.clear_requests();
+    upstream.clear_requests();
+
+    let (opts, _dead) = Options::with_dead_servers(&ecr.base_url(), &moto.endpoint());
+    let mut pt = Pullthrough::start(opts).await;
+    let certs = short_tempdir("certs");
+    let hand = format!(
+        "# Written by hand, long before pullthrough.\nserver = \"{}\"\n\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        upstream.base_url(),
+        upstream.base_url()
+    );
+    std::fs::create_dir_all(certs.path().join("quay.io")).unwrap();
+    std::fs::write(certs.path().join("quay.io/hosts.toml"), &hand).unwrap();
+    let before = std::fs::read_dir(certs.path()).unwrap().count();
+
+    let out = pt.write_hosts(certs.path()).unwrap();
+    assert!(out.contains("quay.io/hosts.toml: merged"), "{out}");
+    let containerd = Containerd::start(certs.path()).await;
+
+    // Installed: the pull goes through the mirror to the ECR stand-in.
+    let reference = "quay.io/org/app:1";
+    containerd.pull_image(reference).await.unwrap();
+    assert_eq!(
+        containerd.image_digest(reference).await.unwrap().as_deref(),
+        Some(image.digest())
+    );
+    assert!(
+        ecr.paths_seen()
+            .contains(&"/v2/quay/org/app/manifests/1".to_string()),
+        "{:?}",
+        ecr.paths_seen()
+    );
+    assert!(
+        upstream.paths_seen().is_empty(),
+        "{:?}",
+        upstream.paths_seen()
+    );
+    containerd.remove_image(reference).await.unwrap();
+
+    // Removed: the hand-written file is back, byte for byte, and nothing else is left.
+    let out = std::process::Command::new(crate::support::pullthrough_bin())
+        .args(["hosts", "--remove", "--dir"])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(certs.path().join("quay.io/hosts.toml")).unwrap(),
+        hand
+    );
+    assert_eq!(std::fs::read_dir(certs.path()).unwrap().count(), before);
+    assert_eq!(
+        std::fs::read_dir(certs.path().join("quay.io"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // The next pull goes straight to the upstream; the mirror and ECR see nothing.
+    ecr.clear_requests();
+    let mirror_requests = pt.access_log().len();
+    containerd.pull_image(reference).await.unwrap();
+    assert_eq!(
+        containerd.image_digest(reference).await.unwrap().as_deref(),
+        Some(image.digest())
+    );
+    // The hand-written file lists the upstream as a mirror host too, hence `?ns=`.
+    assert!(
+        upstream
+            .paths_seen()
+            .iter()
+            .any(|p| p.starts_with("/v2/org/app/manifests/1")),
+        "{:?}",
+        upstream.paths_seen()
+    );
+    assert!(ecr.paths_seen().is_empty(), "{:?}", ecr.paths_seen());
+    assert_eq!(pt.access_log().len(), mirror_requests);
+
+    containerd.remove_image(reference).await.unwrap();
+
+    // Installed again, and the mirror dies: the merged file's own hosts still serve the pull.
+    let out = pt.write_hosts(certs.path()).unwrap();
+    assert!(out.contains("quay.io/hosts.toml: merged"), "{out}");
+    pt.kill();
+    upstream.clear_requests();
+    containerd.pull_image(reference).await.unwrap();
+    assert!(
+        upstream
+            .paths_seen()
+            .iter()
+            .any(|p| p.starts_with("/v2/org/app/manifests/1")),
+        "{:?}",
+        upstream.paths_seen()
+    );
+}
+
+/// CRI-O and podman use containers/image, as skopeo does: a pull by the plain image name goes
+/// through the mirror with the `registries.conf` drop-in that `pullthrough hosts --format
+/// registries-conf` prints. skopeo 1.9 ignores CONTAINERS_REGISTRIES_CONF, so the file goes in
+/// `$HOME/.config/containers/registries.conf`.
+#[tokio::test]
+async fn skopeo_pulls_through_the_registries_conf_drop_in() {
+    let moto = Moto::start().await;
+    let ecr = Registry::start(&moto.password()).await;
+    let image = Image::small("app");
+    ecr.push("quay/org/app", "1", &image).await;
+    ecr.push("docker-hub/library/alpine", "3.19", &image).await;
+    let (opts, dead) = Options::with_dead_servers(&ecr.base_url(), &moto.endpoint());
+    let pt = Pullthrough::start(opts).await;
+
+    let out = std::process::Command::new(crate::support::pullthrough_bin())
+        .args(["hosts", "--format", "registries-conf", "--config"])
+        .arg(pt.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = String::from_utf8(out.stdout).unwrap();
+    // If the mirror failed, skopeo would go to `location`: a dead loopback port, never the internet.
+    assert!(
+        conf.contains(&format!(
+            "location = \"{}\"",
+            dead.trim_start_matches("http://")
+        )),
+        "{conf}"
+    );
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join(".config/containers")).unwrap();
+    std::fs::write(
+        home.path().join(".config/containers/registries.conf"),
+        &conf,
+    )
+    .unwrap();
+
+    for (reference, path) in [
+        ("quay.io/org/app:1", "/v2/quay/org/app/manifests/1"),
+        // Short Docker Hub names are normalized by containers/image itself.
+        (
+            "docker.io/alpine:3.19",
+            "/v2/docker-hub/library/alpine/manifests/3.19",
+        ),
+    ] {
+        let dest = home.path().join(reference.replace(['/', ':'], "_"));
+        let out = std::process::Command::new("skopeo")
+            .args(["copy", "--retry-times=0"])
+            .arg(format!("docker://{reference}"))
+            .arg(format!("dir:{}", dest.display()))
+            .env("HOME", home.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{reference}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            pt.log()
+        );
+        let manifest = std::fs::read(dest.join("manifest.json")).unwrap();
+        assert_eq!(crate::support::sha256_digest(&manifest), image.digest());
+        assert!(
+            ecr.paths_seen().contains(&path.to_string()),
+            "{path} not in {:?}",
+            ecr.paths_seen()
+        );
+    }
+}
