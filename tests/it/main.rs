@@ -13,6 +13,7 @@
 mod cli;
 mod e2e;
 mod harness;
+mod manifests;
 mod node;
 mod proxy;
 mod support;

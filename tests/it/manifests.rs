@@ -1,0 +1,394 @@
+//! The Kubernetes manifests (`daemonset/`, `deploy/`) and the IAM examples: every YAML document
+//! parses into its typed Kubernetes object with nothing lost (so a misspelt field fails here,
+//! not on a cluster), every kustomization renders, and the DaemonSet has the properties the
+//! README promises.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::support::repo_root;
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+}
+
+/// Parses `doc` as `T` and back: equal only if every field was known to `T`.
+fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value, what: &str) {
+    let typed: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{what}: not a valid object: {e}"));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(&back, doc, "{what}: fields were lost in parsing (a typo?)");
+}
+
+/// Checks one Kubernetes object; returns its kind.
+fn check_object(doc: &Value, what: &str) -> String {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let kind = doc["kind"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no kind"))
+        .to_owned();
+    assert!(doc["apiVersion"].is_string(), "{what}: no apiVersion");
+    if kind == "Kustomization" || kind == "Component" {
+        return kind;
+    }
+    assert!(
+        doc["metadata"]["name"].is_string(),
+        "{what}: no metadata.name"
+    );
+    match kind.as_str() {
+        "DaemonSet" => roundtrip::<DaemonSet>(doc, what),
+        "Deployment" => roundtrip::<Deployment>(doc, what),
+        "Namespace" => roundtrip::<Namespace>(doc, what),
+        "ServiceAccount" => roundtrip::<ServiceAccount>(doc, what),
+        "ConfigMap" => roundtrip::<ConfigMap>(doc, what),
+        "Secret" => roundtrip::<Secret>(doc, what),
+        "Service" => roundtrip::<Service>(doc, what),
+        "PodDisruptionBudget" => roundtrip::<PodDisruptionBudget>(doc, what),
+        "MutatingWebhookConfiguration" => roundtrip::<MutatingWebhookConfiguration>(doc, what),
+        "Role" => roundtrip::<Role>(doc, what),
+        "RoleBinding" => roundtrip::<RoleBinding>(doc, what),
+        // CRDs (PodMonitor, cert-manager) and kustomize's own files: shape checked above.
+        _ => {}
+    }
+    kind
+}
+
+#[test]
+#[should_panic(expected = "fields were lost in parsing")]
+fn a_misspelt_field_fails_the_roundtrip() {
+    let doc = yaml_docs(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  selector: {}\n  template:\n    spec:\n      hostNetwrok: true\n      containers: []\n",
+    );
+    check_object(&doc[0], "typo");
+}
+
+#[test]
+fn every_yaml_document_is_a_valid_typed_object() {
+    let mut files = Vec::new();
+    for dir in ["daemonset", "deploy"] {
+        yaml_files(&repo_root().join(dir), &mut files);
+    }
+    assert!(files.len() >= 10, "{files:?}");
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let docs = yaml_docs(&text);
+        assert!(!docs.is_empty(), "{}: empty", f.display());
+        for (i, doc) in docs.iter().enumerate() {
+            let what = format!("{} (document {})", f.display(), i + 1);
+            let kind = check_object(doc, &what);
+            if f.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                assert!(
+                    kind == "Kustomization" || kind == "Component",
+                    "{what}: {kind}"
+                );
+            }
+        }
+    }
+}
+
+/// `kubectl kustomize DIR` (scripts/deps installs kubectl where it is missing).
+fn render(dir: &str) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .args(["kustomize", dir])
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl (scripts/deps installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = yaml_docs(&String::from_utf8(out.stdout).unwrap());
+    for (i, d) in docs.iter().enumerate() {
+        check_object(d, &format!("kubectl kustomize {dir} (object {})", i + 1));
+    }
+    docs
+}
+
+fn daemonset(docs: &[Value], name: &str) -> DaemonSet {
+    let doc = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no DaemonSet {name}"));
+    serde_json::from_value(doc.clone()).unwrap()
+}
+
+fn pod_spec(ds: &DaemonSet) -> PodSpec {
+    ds.spec.template.spec.clone().unwrap()
+}
+
+fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
+    pod.containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// `(host path, mount path, read-only)` of every hostPath a container mounts.
+fn host_mounts(pod: &PodSpec, c: &Container) -> Vec<(String, String, bool)> {
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    c.volume_mounts
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| {
+            let v = volumes.iter().find(|v| v.name == m.name).unwrap();
+            v.host_path.as_ref().map(|h| {
+                (
+                    h.path.clone(),
+                    m.mount_path.clone(),
+                    m.read_only.unwrap_or(false),
+                )
+            })
+        })
+        .collect()
+}
+
+fn port_of(c: &Container, name: &str) -> i32 {
+    c.ports
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .map(|p| {
+            // With hostNetwork the host port is the container port; declaring it lets the
+            // scheduler see conflicts.
+            assert_eq!(p.host_port, Some(p.container_port), "{name}");
+            p.container_port
+        })
+        .unwrap_or_else(|| panic!("{}: no port {name}", c.name))
+}
+
+fn probe_target(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> (String, String) {
+    let get = probe
+        .and_then(|p| p.http_get.as_ref())
+        .expect("an httpGet probe");
+    let port = match &get.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+        other => panic!("probes name their port: {other:?}"),
+    };
+    (get.path.clone().unwrap_or_default(), port)
+}
+
+fn assert_locked_down(c: &Container) {
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(
+        caps.drop.as_deref(),
+        Some(&["ALL".to_string()][..]),
+        "{}",
+        c.name
+    );
+    assert!(caps.add.is_none(), "{}", c.name);
+    assert_ne!(sc.privileged, Some(true), "{}", c.name);
+    let limits = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap();
+    assert!(limits.contains_key("memory"), "{}: no memory limit", c.name);
+}
+
+#[test]
+fn the_daemonset_has_the_promised_properties() {
+    let docs = render("daemonset");
+    let ds = daemonset(&docs, "pullthrough");
+    let spec = &ds.spec;
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("10%".into()))
+    );
+    let pod = pod_spec(&ds);
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let tolerations = pod.tolerations.clone().unwrap();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
+        "tolerates every taint: {tolerations:?}"
+    );
+
+    // The ConfigMap: kustomize's generated one, holding daemonset/config.toml, mounted by both.
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let text = cm["data"]["config.toml"].as_str().unwrap();
+    assert_eq!(
+        text,
+        std::fs::read_to_string(repo_root().join("daemonset/config.toml")).unwrap()
+    );
+    let config = pullthrough::config::Config::from_toml_str(text, "daemonset/config.toml").unwrap();
+    assert!(
+        config.listen.ip().is_loopback(),
+        "the mirror listens on loopback"
+    );
+    let volumes = pod.volumes.clone().unwrap();
+    let cm_volume = volumes.iter().find(|v| v.config_map.is_some()).unwrap();
+    assert_eq!(
+        cm_volume.config_map.as_ref().unwrap().name,
+        cm["metadata"]["name"].as_str().unwrap()
+    );
+
+    let mirror = container(&pod, "mirror");
+    let ops = port_of(mirror, "ops");
+    assert_eq!(ops, i32::from(config.ops_listen.port()));
+    assert_eq!(port_of(mirror, "mirror"), i32::from(config.listen.port()));
+    assert_eq!(
+        probe_target(mirror.liveness_probe.as_ref()),
+        ("/healthz".into(), "ops".into())
+    );
+    assert_eq!(
+        probe_target(mirror.readiness_probe.as_ref()),
+        ("/readyz".into(), "ops".into())
+    );
+    assert_locked_down(mirror);
+    let sc = mirror.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert!(sc.run_as_user.is_some_and(|u| u != 0));
+    assert!(
+        host_mounts(&pod, mirror).is_empty(),
+        "the mirror mounts nothing of the host"
+    );
+
+    let hosts = container(&pod, "hosts");
+    assert_eq!(hosts.args.as_ref().unwrap()[2], "node");
+    assert_eq!(
+        probe_target(hosts.readiness_probe.as_ref()),
+        ("/readyz".into(), "node-ops".into())
+    );
+    assert_locked_down(hosts);
+    let mut mounts = host_mounts(&pod, hosts);
+    mounts.sort();
+    assert_eq!(
+        mounts,
+        [
+            (
+                "/etc/containerd".to_string(),
+                "/host/etc/containerd".to_string(),
+                true
+            ),
+            (
+                "/etc/containerd/certs.d".to_string(),
+                "/host/etc/containerd/certs.d".to_string(),
+                false
+            ),
+        ],
+        "only certs.d is writable; containerd's config is read-only"
+    );
+    // No other hostPath anywhere in the pod.
+    let host_paths = volumes.iter().filter(|v| v.host_path.is_some()).count();
+    assert_eq!(host_paths, 2);
+}
+
+#[test]
+fn uninstall_and_overlays_render() {
+    let docs = render("daemonset/uninstall");
+    let ds = daemonset(&docs, "pullthrough-uninstall");
+    let pod = pod_spec(&ds);
+    let remove = container(&pod, "remove");
+    assert!(
+        remove
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--remove".to_string())
+    );
+    assert_locked_down(remove);
+    assert_eq!(
+        host_mounts(&pod, remove),
+        [(
+            "/etc/containerd/certs.d".to_string(),
+            "/host/etc/containerd/certs.d".to_string(),
+            false
+        )]
+    );
+
+    let monitoring = render("deploy/monitoring");
+    assert!(monitoring.iter().any(|d| d["kind"] == "PodMonitor"));
+
+    // Bottlerocket: the mirror alone, nothing of the host mounted.
+    let br = render("deploy/bottlerocket");
+    let pod = pod_spec(&daemonset(&br, "pullthrough"));
+    assert_eq!(pod.containers.len(), 1);
+    assert_eq!(pod.containers[0].name, "mirror");
+    assert!(pod.volumes.unwrap().iter().all(|v| v.host_path.is_none()));
+}
+
+#[test]
+fn iam_examples_grant_the_node_role_what_it_needs() {
+    let read = |f: &str| -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(repo_root().join("daemonset/iam").join(f)).unwrap(),
+        )
+        .unwrap()
+    };
+    let actions = |policy: &Value| -> Vec<String> {
+        let mut out: Vec<String> = policy["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| match &s["Action"] {
+                Value::String(a) => vec![a.clone()],
+                Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_owned()).collect(),
+                other => panic!("{other}"),
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    assert_eq!(
+        actions(&read("node-role-policy.json")),
+        [
+            "ecr:BatchGetImage",
+            "ecr:BatchImportUpstreamImage",
+            "ecr:CreateRepository",
+            "ecr:GetAuthorizationToken",
+            "ecr:GetDownloadUrlForLayer"
+        ]
+    );
+    let registry = read("registry-policy.json");
+    assert_eq!(
+        actions(&registry),
+        ["ecr:BatchImportUpstreamImage", "ecr:CreateRepository"]
+    );
+    assert!(
+        registry["Statement"][0]["Principal"]["AWS"]
+            .as_str()
+            .unwrap()
+            .contains(":role/")
+    );
+}
