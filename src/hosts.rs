@@ -17,7 +17,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, Registry};
+use crate::config::Config;
 
 /// The first line of every file pullthrough writes.
 pub const MARKER: &str =
@@ -120,16 +120,6 @@ fn render_fresh(server: &str, mirror: &str, created_dir: bool) -> String {
     } else {
         text
     }
-}
-
-/// Every file for a config: `(registry directory name, contents)`.
-pub fn render_all(config: &Config) -> Vec<(Registry, String)> {
-    let mirror = mirror_url(config.listen);
-    config
-        .upstreams
-        .iter()
-        .map(|(reg, up)| (reg.clone(), render(&up.server, &mirror)))
-        .collect()
 }
 
 /// Why pullthrough will not merge itself into a `hosts.toml` it did not write.
@@ -599,11 +589,12 @@ mod tests {
             "t",
         )
         .unwrap();
-        let files = render_all(&cfg);
-        assert_eq!(files.len(), 6);
-        for (reg, text) in files {
+        assert_eq!(cfg.upstreams.len(), 6);
+        let mirror = mirror_url(cfg.listen);
+        for (reg, up) in &cfg.upstreams {
+            let text = render(&up.server, &mirror);
             let v: toml::Table = toml::from_str(&text).unwrap();
-            assert_eq!(v["server"].as_str().unwrap(), cfg.upstreams[&reg].server);
+            assert_eq!(v["server"].as_str().unwrap(), cfg.upstreams[reg].server);
             let host = &v["host"]["http://127.0.0.1:5999"];
             assert_eq!(host["capabilities"].as_array().unwrap().len(), 2);
             assert_eq!(host["dial_timeout"].as_str(), Some(DIAL_TIMEOUT));
