@@ -19,6 +19,8 @@
 //! [`accesslog`] for the per-request log line. Around it: [`config`] (raw TOML → validated
 //! [`config::Config`]), [`server`] (accept loop with graceful drain), [`ops`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`).
+//! [`reference`] parses and normalizes pod image references and decides their ECR rewrite (pure,
+//! on top of [`map`]), for the webhook and `pullthrough rewrite`.
 //! `main.rs` is only the command line.
 
 pub mod accesslog;
@@ -30,6 +32,7 @@ pub mod map;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;
+pub mod reference;
 pub mod respond;
 pub mod route;
 pub mod server;
