@@ -38,6 +38,7 @@ pub mod route;
 pub mod server;
 pub mod sign;
 pub mod signal;
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
