@@ -253,18 +253,7 @@ impl Webhook {
             Ok((review, mutation)) => {
                 self.metrics.record(&mutation, self.mode);
                 log(&review, &mutation);
-                let json = serde_json::to_vec(&review).unwrap_or_else(|_| {
-                    // Unreachable in practice (strings and bytes only); still a valid allow.
-                    let uid = review.response.map(|r| r.uid).unwrap_or_default();
-                    serde_json::json!({
-                        "apiVersion": "admission.k8s.io/v1",
-                        "kind": "AdmissionReview",
-                        "response": {"uid": uid, "allowed": true}
-                    })
-                    .to_string()
-                    .into_bytes()
-                });
-                let mut resp = Response::new(respond::full(json));
+                let mut resp = Response::new(respond::full(review.to_string()));
                 resp.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 resp
@@ -292,8 +281,11 @@ impl Webhook {
     }
 }
 
-fn log(review: &kube_core::admission::AdmissionReview<kube_core::DynamicObject>, m: &Mutation) {
-    let uid = review.response.as_ref().map_or("", |r| r.uid.as_str());
+fn log(review: &serde_json::Value, m: &Mutation) {
+    let uid = review
+        .pointer("/response/uid")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
     let rewritten: Vec<String> = m
         .images
         .iter()

@@ -167,12 +167,9 @@ pub struct Mutation {
 #[error("not an AdmissionReview: {0}")]
 pub struct NotAReview(pub String);
 
-/// Reads an `AdmissionReview` body and decides. `Ok` always holds a well-formed review answer
-/// that allows the request.
-pub fn admit(
-    body: &[u8],
-    policy: &Policy,
-) -> Result<(AdmissionReview<DynamicObject>, Mutation), NotAReview> {
+/// Reads an `AdmissionReview` body and decides. `Ok` always holds a well-formed
+/// `AdmissionReview` answer (JSON) that allows the request, and what was decided.
+pub fn admit(body: &[u8], policy: &Policy) -> Result<(Value, Mutation), NotAReview> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| NotAReview(format!("not JSON: {e}")))?;
     let kind = value.get("kind").and_then(Value::as_str);
@@ -200,7 +197,11 @@ pub fn admit(
     let (response, mutation) = match request {
         Ok(req) => {
             let mutation = mutate(&req, policy);
-            (respond(AdmissionResponse::from(&req), &mutation), mutation)
+            let mut resp = AdmissionResponse::from(&req);
+            if !mutation.warnings.is_empty() {
+                resp.warnings = Some(mutation.warnings.clone());
+            }
+            (resp, mutation)
         }
         Err(e) => {
             // Allowed, with the reason where `kubectl` shows it.
@@ -219,24 +220,38 @@ pub fn admit(
             (resp, mutation)
         }
     };
-    Ok((response.into_review(), mutation))
+    Ok((to_json(response.into_review(), &mutation), mutation))
 }
 
-fn respond(resp: AdmissionResponse, mutation: &Mutation) -> AdmissionResponse {
-    let mut resp = if mutation.patch.is_empty() {
-        resp
-    } else {
-        let fallback = resp.clone();
-        match resp.with_patch(json_patch::Patch(mutation.patch.clone())) {
-            Ok(r) => r,
-            // Serializing a patch of strings cannot fail; if it ever does, allow unchanged.
-            Err(_) => fallback,
+/// The answer as JSON, with the patch base64-encoded as the API requires (`[]byte` in Go).
+/// kube-core's `with_patch` would write it as an array of numbers (kube-rs/kube#1781).
+fn to_json(review: AdmissionReview<DynamicObject>, mutation: &Mutation) -> Value {
+    use base64::Engine;
+    let uid = review
+        .response
+        .as_ref()
+        .map(|r| r.uid.clone())
+        .unwrap_or_default();
+    let mut json = match serde_json::to_value(&review) {
+        Ok(v) => v,
+        // Only strings and maps in there; should it ever fail, still allow, unchanged.
+        Err(_) => {
+            return serde_json::json!({
+                "apiVersion": review.types.api_version,
+                "kind": META_KIND,
+                "response": {"uid": uid, "allowed": true}
+            });
         }
     };
-    if !mutation.warnings.is_empty() {
-        resp.warnings = Some(mutation.warnings.clone());
+    if !mutation.patch.is_empty()
+        && let Ok(patch) = serde_json::to_vec(&mutation.patch)
+        && let Some(resp) = json.get_mut("response").and_then(Value::as_object_mut)
+    {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(patch);
+        resp.insert("patch".into(), Value::String(encoded));
+        resp.insert("patchType".into(), Value::String("JSONPatch".into()));
     }
-    resp
+    json
 }
 
 /// Decides the patch for a readable request.

@@ -15,3 +15,4 @@ mod e2e;
 mod harness;
 mod proxy;
 mod support;
+mod webhook;
