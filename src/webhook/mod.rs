@@ -168,6 +168,11 @@ impl WebhookMetrics {
             m.cert.loaded.clone(),
         );
         r.register(
+            "cert_not_after_timestamp_seconds",
+            "When the certificate in use expires (Unix seconds)",
+            m.cert.not_after.clone(),
+        );
+        r.register(
             "cert_reload_errors",
             "Changed certificate files that did not load (the previous certificate stayed)",
             m.cert.failed.clone(),

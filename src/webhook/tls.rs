@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -137,13 +138,16 @@ struct State {
     current: Arc<CertifiedKey>,
 }
 
-/// Counters for reload outcomes.
+/// Counters for reload outcomes, and the expiry of the certificate in use.
 #[derive(Debug, Clone, Default)]
 pub struct ReloadCounters {
     /// New pairs loaded after start-up.
     pub loaded: Counter,
     /// Changed pairs that failed to load (the previous one stayed in use).
     pub failed: Counter,
+    /// `notAfter` of the leaf certificate in use, in Unix seconds (0 if unreadable): what an
+    /// alert on a renewal that never happened watches.
+    pub not_after: Gauge,
 }
 
 /// A certificate resolver that reloads its files when they change. See the module docs.
@@ -160,6 +164,7 @@ impl ReloadingCert {
     pub fn new(cert: PathBuf, key: PathBuf, counters: ReloadCounters) -> Result<Self, TlsError> {
         let seen = stamps(&cert, &key);
         let current = Arc::new(load_certified_key(&cert, &key)?);
+        counters.not_after.set(leaf_not_after(&current));
         Ok(Self {
             cert,
             key,
@@ -177,6 +182,7 @@ impl ReloadingCert {
                 Ok(k) => {
                     tracing::info!(cert = %self.cert.display(), "reloaded the webhook certificate");
                     self.counters.loaded.inc();
+                    self.counters.not_after.set(leaf_not_after(&k));
                     state.current = Arc::new(k);
                 }
                 Err(e) => {
@@ -206,4 +212,116 @@ pub fn server_config(resolver: Arc<ReloadingCert>) -> Result<ServerConfig, TlsEr
             .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+fn leaf_not_after(key: &CertifiedKey) -> i64 {
+    key.end_entity_cert()
+        .ok()
+        .and_then(|c| not_after(c.as_ref()))
+        .unwrap_or(0)
+}
+
+/// The `notAfter` of a DER X.509 certificate, in Unix seconds: a walk to
+/// `tbsCertificate.validity` (RFC 5280 §4.1), enough for a metric. `None` if it is not there.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(cert)?;
+    // [0] EXPLICIT version, when present.
+    if tbs.first() == Some(&0xa0) {
+        tbs = tlv(tbs)?.2;
+    }
+    // serialNumber, signature, issuer, then validity.
+    for _ in 0..3 {
+        tbs = tlv(tbs)?.2;
+    }
+    let (tag, validity, _) = tlv(tbs)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (_, _, rest) = tlv(validity)?;
+    let (tag, time, _) = tlv(rest)?;
+    let text = std::str::from_utf8(time).ok()?;
+    let digits = text.strip_suffix('Z')?;
+    let (year, rest) = match (tag, digits.len()) {
+        // UTCTime: YY in 1950..=2049.
+        (0x17, 12) => {
+            let yy: i64 = digits[..2].parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
+        }
+        // GeneralizedTime: YYYY.
+        (0x18, 14) => (digits[..4].parse().ok()?, &digits[4..]),
+        _ => return None,
+    };
+    if !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let field = |i: usize| rest[i..i + 2].parse::<i64>().ok();
+    let (month, day, h, m, sec) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+/// One DER element: its tag, its contents, and what follows it.
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = *b.get(1)?;
+    let (len, header) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for &byte in b.get(2..2 + n)? {
+            len = (len << 8) | usize::from(byte);
+        }
+        (len, 2 + n)
+    };
+    let end = header.checked_add(len)?;
+    Some((tag, b.get(header..end)?, b.get(end..)?))
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[test]
+    fn not_after_of_a_real_certificate() {
+        let pem = include_bytes!("../../tests/fixtures/tls/ca.pem");
+        let der = CertificateDer::from_pem_slice(pem).unwrap();
+        // openssl x509 -enddate: Nov  3 22:32:33 2126 GMT (GeneralizedTime).
+        assert_eq!(not_after(der.as_ref()), Some(4_949_418_753));
+    }
+
+    #[rstest]
+    #[case::epoch(1970, 1, 1, 0)]
+    #[case::leap_day(2024, 2, 29, 19_782)]
+    #[case::y2k(2000, 1, 1, 10_957)]
+    fn civil_days(#[case] y: i64, #[case] m: i64, #[case] d: i64, #[case] want: i64) {
+        assert_eq!(days_from_civil(y, m, d), want);
+    }
+
+    #[rstest]
+    #[case::empty(&[])]
+    #[case::truncated(&[0x30, 0x82, 0x01])]
+    #[case::length_past_end(&[0x30, 0x05, 0x02, 0x01])]
+    #[case::not_a_certificate(&[0x30, 0x03, 0x02, 0x01, 0x01])]
+    fn not_after_of_garbage(#[case] der: &[u8]) {
+        assert_eq!(not_after(der), None);
+    }
 }

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::support::{free_port, pullthrough_bin, repo_root};
+use crate::support::{ChildGuard, free_port, pullthrough_bin, repo_root};
 
 const ECR: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
 /// The DNS name the API server dials, as in `daemonset/webhook`.
@@ -316,6 +316,27 @@ async fn post(sender: &mut Sender, path: &str, body: Vec<u8>) -> (StatusCode, By
     (status, resp.into_body().collect().await.unwrap().to_bytes())
 }
 
+/// The certificate's notAfter in Unix seconds, as openssl and date(1) read it.
+fn openssl_not_after(cert: &Path) -> i64 {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"date -u -d "$(openssl x509 -noout -enddate -in "$1" | cut -d= -f2)" +%s"#)
+        .arg("-")
+        .arg(cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Replaces `to` with `from` by rename, as the kubelet updates a mounted Secret.
 fn replace_file(from: &Path, to: &Path) {
     let tmp = to.with_extension("new");
@@ -444,6 +465,11 @@ async fn https_mutate_and_certificate_rotation() {
     ] {
         assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
     }
+    let expiry = format!(
+        "pullthrough_webhook_cert_not_after_timestamp_seconds {}",
+        openssl_not_after(&second.join("tls.crt"))
+    );
+    assert!(text.contains(&expiry), "metrics lack {expiry:?}:\n{text}");
 
     stop.send(()).unwrap();
     drop((old_conn, new_conn));
@@ -548,4 +574,82 @@ fn rewrite_without_a_known_registry_exits_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the ECR registry is not known"));
+}
+
+#[test]
+fn the_manifests_config_is_valid_and_rewrites() {
+    let path = repo_root().join("daemonset/webhook/pullthrough.toml");
+    let out = Command::new(pullthrough_bin())
+        .args(["rewrite", "--config", path.to_str().unwrap(), "nginx:1.27"])
+        .env_remove("AWS_REGION")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(
+        "ecr:        123456789012.dkr.ecr.us-east-1.amazonaws.com/docker-hub/library/nginx:1.27"
+    ));
+}
+
+#[tokio::test]
+async fn the_webhook_process_serves_skips_its_own_namespace_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), &[]);
+    let (port, ops_port) = (free_port(), free_port());
+    let text = format!(
+        "{CONFIG}listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\
+         cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        dir.path().join("tls.crt").display(),
+        dir.path().join("tls.key").display()
+    );
+    let path = write_config(dir.path(), &text);
+    let mut child = ChildGuard::spawn(
+        "pullthrough-webhook",
+        Command::new(pullthrough_bin())
+            .args(["webhook", "--config", path.to_str().unwrap()])
+            .env("POD_NAMESPACE", "shop"),
+        dir.path(),
+    );
+    child.wait_for_port(port).await;
+    child.wait_for_port(ops_port).await;
+
+    let (tls, _) = connect(port, &dir.path().join("ca.crt")).await.unwrap();
+    let mut conn = http_over(tls).await;
+    // The deployment pod is in "shop", which POD_NAMESPACE makes the webhook's own.
+    let review = fixture("deployment-pod.json");
+    let (status, body) = post(&mut conn, "/mutate", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        answer_applied(&review, &answer),
+        review["request"]["object"]
+    );
+    let (status, _) = post(&mut conn, "/nope", Vec::new()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    drop(conn);
+
+    let ready = crate::support::http::get(&format!("http://127.0.0.1:{ops_port}/readyz"), &[])
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let metrics = crate::support::http::get(&format!("http://127.0.0.1:{ops_port}/metrics"), &[])
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(metrics.body()).into_owned();
+    assert!(
+        text.contains(
+            "pullthrough_webhook_requests_total{outcome=\"skipped\",skip=\"namespace\"} 1"
+        ),
+        "{text}"
+    );
+
+    child.sigterm();
+    let status = child
+        .wait_exit(std::time::Duration::from_secs(30))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", child.stderr());
 }
