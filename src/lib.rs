@@ -19,8 +19,9 @@
 //! [`accesslog`] for the per-request log line. Around it: [`config`] (raw TOML → validated
 //! [`config::Config`]), [`server`] (accept loop with graceful drain), [`ops`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`).
-//! [`reference`] parses and normalizes pod image references and decides their ECR rewrite (pure,
-//! on top of [`map`]), for the webhook and `pullthrough rewrite`.
+//! [`reference`](mod@reference) parses and normalizes pod image references and decides their ECR
+//! rewrite (pure, on top of [`map`]); [`webhook`] is the optional admission webhook and
+//! `pullthrough rewrite` built on it.
 //! `main.rs` is only the command line.
 
 pub mod accesslog;
