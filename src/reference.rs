@@ -638,6 +638,24 @@ mod tests {
         Ok("registry.k8s.io/pause:3.9")
     )]
     #[case::separators("ghcr.io/a.b_c__d-e---f/g", Ok("ghcr.io/a.b_c__d-e---f/g:latest"))]
+    // From distribution/reference's own tests (normalize_test.go, reference_test.go).
+    #[case::dist_underscore_hub_name("foo_bar.com:8080", Ok("docker.io/library/foo_bar.com:8080"))]
+    #[case::dist_long_path(
+        "sub-dom1.foo.com/bar/baz/quux:some-long-tag",
+        Ok("sub-dom1.foo.com/bar/baz/quux:some-long-tag")
+    )]
+    #[case::dist_dotted_path_and_tag(
+        "b.gcr.io/test.example.com/my-app:test.example.com",
+        Ok("b.gcr.io/test.example.com/my-app:test.example.com")
+    )]
+    #[case::dist_punycode(
+        "xn--n3h.com/myimage:xn--n3h.com",
+        Ok("xn--n3h.com/myimage:xn--n3h.com")
+    )]
+    #[case::dist_ipv4_port("192.168.1.1:5000/a", Ok("192.168.1.1:5000/a:latest"))]
+    #[case::dist_bad_chars("aa/asdf$$^/aa", Err("Name"))]
+    #[case::dist_ipv6_zone("[fe80::1%eth0]:5000/repo", Err("Registry"))]
+    #[case::dist_upper_with_tag("Uppercase:tag", Err("Uppercase"))]
     #[case::empty("", Err("Empty"))]
     #[case::image_id(
         "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
