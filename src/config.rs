@@ -72,6 +72,8 @@ pub struct RawConfig {
     timeouts: RawTimeouts,
     #[serde(default)]
     manifest_cache: RawManifestCache,
+    #[serde(default)]
+    webhook: crate::webhook::config::RawWebhook,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +123,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Upper bound, in bytes, of the in-memory manifest cache.
     pub manifest_cache_bytes: u64,
+    /// `[webhook]`: the admission webhook and `pullthrough rewrite`.
+    pub webhook: crate::webhook::config::WebhookConfig,
 }
 
 /// `[ecr]`: every field may be discovered at run time instead.
@@ -258,13 +262,18 @@ impl Config {
 
 /// Turns byte spans into line numbers and builds errors.
 #[derive(Clone, Copy)]
-struct Locator<'a> {
+pub(crate) struct Locator<'a> {
     text: &'a str,
     path: &'a str,
 }
 
 impl Locator<'_> {
-    fn line(&self, span: &Range<usize>) -> usize {
+    /// The config file's name, as errors show it.
+    pub(crate) fn path(&self) -> &str {
+        self.path
+    }
+
+    pub(crate) fn line(&self, span: &Range<usize>) -> usize {
         let end = span.start.min(self.text.len());
         self.text.as_bytes()[..end]
             .iter()
@@ -273,7 +282,12 @@ impl Locator<'_> {
             + 1
     }
 
-    fn err(&self, span: &Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn err(
+        &self,
+        span: &Range<usize>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
             line: self.line(span),
@@ -400,6 +414,8 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             .map(|s| *s.get_ref())
             .unwrap_or(64 * 1024 * 1024);
 
+        let webhook = crate::webhook::config::validate(&raw.webhook, at)?;
+
         Ok(Config {
             listen,
             ops_listen,
@@ -408,6 +424,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             upstreams,
             timeouts,
             manifest_cache_bytes,
+            webhook,
         })
     }
 }

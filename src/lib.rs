@@ -21,6 +21,9 @@
 //! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`, and
 //! the same routing for CRI-O and Bottlerocket). On the node, [`node`] installs the `hosts.toml`
 //! files once the mirror is ready, after [`containerd_config`] has checked containerd reads them.
+//! [`reference`](mod@reference) parses and normalizes pod image references and decides their ECR
+//! rewrite (pure, on top of [`map`]); [`webhook`] is the optional admission webhook and
+//! `pullthrough rewrite` built on it.
 //! `main.rs` is only the command line.
 
 pub mod accesslog;
@@ -34,11 +37,13 @@ pub mod metrics;
 pub mod node;
 pub mod ops;
 pub mod proxy;
+pub mod reference;
 pub mod respond;
 pub mod route;
 pub mod server;
 pub mod sign;
 pub mod signal;
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;

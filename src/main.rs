@@ -98,6 +98,30 @@ enum Command {
         #[arg(long, env = "PULLTHROUGH_CONFIG")]
         config: PathBuf,
     },
+    /// Run the mutating admission webhook (HTTPS `/mutate`, plus probes and metrics) until SIGTERM.
+    Webhook {
+        /// Config file (TOML).
+        #[arg(long, env = "PULLTHROUGH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Show how the webhook normalizes and rewrites each image.
+    Rewrite {
+        /// Config file (TOML).
+        #[arg(long, env = "PULLTHROUGH_CONFIG")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Image references, as written in pod specs.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -122,7 +146,9 @@ fn main() -> ExitCode {
     let config_path = match &cli.command {
         Command::Serve { config }
         | Command::Node { config, .. }
-        | Command::CheckConfig { config } => config.clone(),
+        | Command::CheckConfig { config }
+        | Command::Webhook { config }
+        | Command::Rewrite { config, .. } => config.clone(),
         Command::Hosts { config, .. } => config.clone().unwrap_or_default(),
     };
     let config = match Config::load(&config_path) {
@@ -159,6 +185,8 @@ fn main() -> ExitCode {
             );
             Ok(true)
         }
+        Command::Webhook { .. } => run_webhook(config),
+        Command::Rewrite { output, images, .. } => run_rewrite(&config, output, &images),
     };
     exit(result)
 }
@@ -172,6 +200,12 @@ fn exit(result: anyhow::Result<bool>) -> ExitCode {
             // A region that cannot be found is a config problem, like any other.
             match e.downcast_ref::<pullthrough::ServeError>() {
                 Some(pullthrough::ServeError::NoRegion) => ExitCode::from(EXIT_USAGE),
+                _ if e
+                    .downcast_ref::<pullthrough::webhook::WebhookError>()
+                    .is_some_and(|w| w.is_usage()) =>
+                {
+                    ExitCode::from(EXIT_USAGE)
+                }
                 _ => ExitCode::FAILURE,
             }
         }
@@ -276,4 +310,54 @@ fn run_node(
         pullthrough::node::run(config, opts, listener, shutdown).await?;
         Ok(true)
     })
+}
+
+/// The region the webhook's ECR host is in when `ecr.region` is unset: the environment's, with
+/// no IMDS or profile lookup (the webhook runs without an AWS identity).
+fn env_region() -> Option<String> {
+    ["AWS_REGION", "AWS_DEFAULT_REGION"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+fn run_webhook(config: Config) -> anyhow::Result<bool> {
+    use pullthrough::webhook::WebhookServer;
+    let own_namespace = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let server = WebhookServer::new(&config, env_region().as_deref(), own_namespace.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let w = &config.webhook;
+    runtime.block_on(async move {
+        let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
+        let https = bind(w.listen).await.context("binding `webhook.listen`")?;
+        let ops = bind(w.ops_listen)
+            .await
+            .context("binding `webhook.ops_listen`")?;
+        tracing::info!(
+            listen = %w.listen,
+            ops_listen = %w.ops_listen,
+            mode = w.mode.as_str(),
+            namespace = own_namespace.as_deref().unwrap_or("-"),
+            "webhook listening"
+        );
+        if !server.run(https, ops, shutdown).await? {
+            tracing::warn!("exiting with requests still in flight after the shutdown grace period");
+        }
+        Ok(true)
+    })
+}
+
+fn run_rewrite(config: &Config, output: Output, images: &[String]) -> anyhow::Result<bool> {
+    use pullthrough::webhook::explain;
+    let rules = pullthrough::webhook::rules(config, env_region().as_deref())?;
+    let rows = explain::explain(images, &rules);
+    match output {
+        Output::Text => print!("{}", explain::render_text(&rows)),
+        Output::Json => print!("{}", explain::render_json(&rows)),
+    }
+    Ok(true)
 }

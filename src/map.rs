@@ -5,7 +5,7 @@
 //! names are shorthand for `library/<name>`; no other registry, and no multi-segment name, ever
 //! gets `library/`.
 
-use crate::config::Upstream;
+use crate::config::{Registry, Upstream};
 use crate::route::{ApiRequest, Kind};
 
 /// ECR's limit on a repository name, prefix included.
@@ -32,12 +32,22 @@ pub struct Target {
 
 /// The ECR repository for `name` on an upstream.
 pub fn repository(req: &ApiRequest, upstream: &Upstream) -> Result<String, MapError> {
-    let library = if req.registry.is_docker_hub() && !req.name.contains('/') {
+    ecr_repository(&req.registry, &req.name, upstream)
+}
+
+/// The ECR repository for repository `name` of `registry` on its upstream: the one mapping the
+/// mirror, the webhook and `pullthrough rewrite` share.
+pub fn ecr_repository(
+    registry: &Registry,
+    name: &str,
+    upstream: &Upstream,
+) -> Result<String, MapError> {
+    let library = if registry.is_docker_hub() && !name.contains('/') {
         "library/"
     } else {
         ""
     };
-    let repo = format!("{}/{library}{}", upstream.prefix, req.name);
+    let repo = format!("{}/{library}{name}", upstream.prefix);
     if repo.len() > ECR_MAX_REPOSITORY_LEN {
         return Err(MapError::TooLong(repo));
     }
@@ -68,7 +78,6 @@ pub fn map(req: &ApiRequest, upstream: &Upstream) -> Result<Target, MapError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Registry;
     use crate::route::{Digest, Reference};
     use rstest::rstest;
 

@@ -17,3 +17,4 @@ mod manifests;
 mod node;
 mod proxy;
 mod support;
+mod webhook;

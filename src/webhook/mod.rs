@@ -1,0 +1,472 @@
+//! The optional mutating admission webhook (`pullthrough webhook`): it rewrites pod images to
+//! the same ECR pull-through paths the node mirror uses, so the rewrite is visible in pod specs.
+//!
+//! - [`config`]: the `[webhook]` section;
+//! - [`mutate`]: the pure decision, `AdmissionReview` in, `AdmissionReview` out;
+//! - [`tls`]: the server certificate, reloaded when cert-manager renews it;
+//! - [`explain`]: `pullthrough rewrite`, the same decision for images named on the command line.
+//!
+//! This module wires them: HTTPS (rustls, TLS 1.2+) on `webhook.listen` serving `POST /mutate`,
+//! and plain HTTP on `webhook.ops_listen` for `/healthz`, `/readyz` and `/metrics`, both through
+//! [`crate::server`]'s drain-on-shutdown loop. The webhook needs no AWS credentials and no
+//! Kubernetes API access: the ECR host comes from config, namespace labels are matched by the
+//! API server through the `MutatingWebhookConfiguration`'s selectors.
+
+pub mod config;
+pub mod explain;
+pub mod mutate;
+pub mod tls;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, Registry};
+use crate::reference::Rules;
+use crate::respond::{self, ProxyBody};
+use crate::server::{self, BoxFuture, Handler};
+use crate::webhook::mutate::{Decision, Mutation, Policy};
+use crate::webhook::tls::{ReloadCounters, ReloadingCert, TlsError};
+
+/// Largest request body read. An `AdmissionReview` holds the pod twice (object and oldObject),
+/// and etcd stores objects up to 1.5 MiB.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// Why the webhook (or `pullthrough rewrite`) cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// A config value is wrong, including a certificate file that does not load.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The rewritten images must name the ECR registry, and config does not say which.
+    #[error(
+        "the ECR registry is not known: set ecr.account and a region (ecr.region or AWS_REGION), \
+         or ecr.endpoint"
+    )]
+    NoRegistry,
+    /// The TLS configuration was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl WebhookError {
+    /// Whether this is a config problem (exit 64) rather than a run-time failure.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, WebhookError::Config(_) | WebhookError::NoRegistry)
+    }
+}
+
+/// This account's ECR registry host, which rewritten images name: `ecr.endpoint`'s host, else
+/// `<ecr.account>.dkr.ecr.<region>.amazonaws.com`. `region` is `ecr.region` or, failing that,
+/// the caller's (the environment's). No AWS call: the webhook needs no AWS identity.
+pub fn ecr_registry(config: &Config, region: Option<&str>) -> Result<Registry, WebhookError> {
+    let region = config.ecr.region.as_deref().or(region);
+    let base = crate::registry_base(&config.ecr, region)
+        .map_err(|_| WebhookError::NoRegistry)?
+        .ok_or(WebhookError::NoRegistry)?;
+    base.authority()
+        .and_then(|a| Registry::parse(a.as_str()))
+        .ok_or(WebhookError::NoRegistry)
+}
+
+/// The rewrite rules from config (shared by the webhook and `pullthrough rewrite`).
+pub fn rules(config: &Config, region: Option<&str>) -> Result<Rules, WebhookError> {
+    Ok(Rules {
+        ecr: ecr_registry(config, region)?,
+        upstreams: config.upstreams.clone(),
+        digest_refs: config.webhook.digest_refs,
+        exclude: config.webhook.exclude.clone(),
+    })
+}
+
+/// Labels of an answered admission request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `patched`, `unchanged`, `skipped` or `bad-request`.
+    pub outcome: String,
+    /// Why a request was skipped (`namespace`, `label`, `mirror-pod`, ...), else `-`.
+    pub skip: String,
+}
+
+/// Labels of one image decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImageLabels {
+    /// `rewritten`, or why not (`not-configured`, `digest`, `already-rewritten`, ...).
+    pub result: String,
+}
+
+/// Labels of a patch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PatchLabels {
+    /// `enforce` or `dry-run`.
+    pub mode: String,
+}
+
+/// The webhook's metrics, exported under `pullthrough_webhook_*`.
+#[derive(Clone, Debug)]
+pub struct WebhookMetrics {
+    /// Admission requests answered, by outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Non-empty patches returned, by mode.
+    pub patches: Family<PatchLabels, Counter>,
+    /// Images looked at, by result.
+    pub images: Family<ImageLabels, Counter>,
+    /// Time to answer `/mutate`, body read included.
+    pub latency: Histogram,
+    /// Certificate reloads.
+    pub cert: ReloadCounters,
+}
+
+impl WebhookMetrics {
+    /// Builds the metrics and a registry that exports them.
+    pub fn new() -> (WebhookMetrics, MetricsRegistry) {
+        let m = WebhookMetrics {
+            requests: Family::default(),
+            patches: Family::default(),
+            images: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            cert: ReloadCounters::default(),
+        };
+        let mut r = MetricsRegistry::with_prefix("pullthrough_webhook");
+        r.register(
+            "requests",
+            "Admission requests answered",
+            m.requests.clone(),
+        );
+        r.register(
+            "patches",
+            "Admission responses carrying a patch",
+            m.patches.clone(),
+        );
+        r.register(
+            "images",
+            "Images looked at, by rewrite result or reason left unchanged",
+            m.images.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time to answer an admission request",
+            m.latency.clone(),
+        );
+        r.register(
+            "cert_reloads",
+            "Certificate reloads after a file change",
+            m.cert.loaded.clone(),
+        );
+        r.register(
+            "cert_not_after_timestamp_seconds",
+            "When the certificate in use expires (Unix seconds)",
+            m.cert.not_after.clone(),
+        );
+        r.register(
+            "cert_reload_errors",
+            "Changed certificate files that did not load (the previous certificate stayed)",
+            m.cert.failed.clone(),
+        );
+        (m, r)
+    }
+
+    fn record(&self, mutation: &Mutation, mode: config::Mode) {
+        for img in &mutation.images {
+            self.images
+                .get_or_create(&ImageLabels {
+                    result: img.decision.label().to_owned(),
+                })
+                .inc();
+        }
+        let (outcome, skip) = match &mutation.skipped {
+            Some(s) => ("skipped", s.label()),
+            None if mutation.patch.is_empty() => ("unchanged", "-"),
+            None => ("patched", "-"),
+        };
+        if outcome == "patched" {
+            self.patches
+                .get_or_create(&PatchLabels {
+                    mode: mode.as_str().to_owned(),
+                })
+                .inc();
+        }
+        self.requests
+            .get_or_create(&RequestLabels {
+                outcome: outcome.to_owned(),
+                skip: skip.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The HTTPS handler: `POST /mutate`.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    policy: Arc<Policy>,
+    mode: config::Mode,
+    metrics: WebhookMetrics,
+}
+
+impl Webhook {
+    /// A handler deciding with `policy`.
+    pub fn new(policy: Policy, metrics: WebhookMetrics) -> Self {
+        Self {
+            mode: policy.mode,
+            policy: Arc::new(policy),
+            metrics,
+        }
+    }
+
+    /// Answers one request. Never a 5xx: 200 with a review, or 4xx for what is not one.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        if req.uri().path() != "/mutate" {
+            return text(StatusCode::NOT_FOUND, "not found: POST /mutate\n");
+        }
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let too_big = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                self.bad_request();
+                return if too_big {
+                    text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n")
+                } else {
+                    text(StatusCode::BAD_REQUEST, "could not read the body\n")
+                };
+            }
+        };
+        let resp = match mutate::admit(&body, &self.policy) {
+            Ok((review, mutation)) => {
+                self.metrics.record(&mutation, self.mode);
+                log(&review, &mutation);
+                let mut resp = Response::new(respond::full(review.to_string()));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a request that is not an AdmissionReview");
+                self.bad_request();
+                text(StatusCode::BAD_REQUEST, &format!("{e}\n"))
+            }
+        };
+        self.metrics
+            .latency
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    fn bad_request(&self) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                outcome: "bad-request".into(),
+                skip: "-".into(),
+            })
+            .inc();
+    }
+}
+
+fn log(review: &serde_json::Value, m: &Mutation) {
+    let uid = review
+        .pointer("/response/uid")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let rewritten: Vec<String> = m
+        .images
+        .iter()
+        .filter_map(|i| match &i.decision {
+            Decision::Rewrite(to) => Some(format!("{} -> {to}", i.image)),
+            _ => None,
+        })
+        .collect();
+    match &m.skipped {
+        Some(s) => tracing::debug!(uid, skip = s.label(), "admission: skipped"),
+        None if rewritten.is_empty() => {
+            tracing::debug!(
+                uid,
+                images = m.images.len(),
+                "admission: nothing to rewrite"
+            )
+        }
+        None => tracing::info!(uid, ?rewritten, "admission: patched"),
+    }
+}
+
+impl Handler for Webhook {
+    type Body = ProxyBody;
+    fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<ProxyBody>> {
+        let w = self.clone();
+        Box::pin(async move { w.handle(req).await })
+    }
+}
+
+/// The plain-HTTP ops handler: `/healthz`, `/readyz`, `/metrics`.
+#[derive(Debug, Clone)]
+pub struct WebhookOps {
+    registry: Arc<MetricsRegistry>,
+}
+
+impl WebhookOps {
+    /// An ops handler exporting `registry`.
+    pub fn new(registry: MetricsRegistry) -> Self {
+        Self {
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// Answers one ops request.
+    pub fn handle<B>(&self, req: &Request<B>) -> Response<ProxyBody> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            // The certificate was loaded before the listeners were bound, and a failed reload
+            // keeps the previous one: once serving, the webhook can always answer.
+            "/readyz" => text(StatusCode::OK, "ready\n"),
+            "/metrics" => {
+                let mut out = String::new();
+                if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry)
+                {
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("encoding metrics: {e}\n"),
+                    );
+                }
+                let mut resp = Response::new(respond::full(out));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                resp
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /readyz or /metrics\n",
+            ),
+        }
+    }
+}
+
+impl Handler for WebhookOps {
+    type Body = ProxyBody;
+    fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<ProxyBody>> {
+        let resp = self.handle(&req);
+        Box::pin(async move { resp })
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(respond::full(body.to_owned()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Everything `pullthrough webhook` needs before it binds: validated rules, the loaded
+/// certificate and the metrics. Building it is where bad config and bad certificate files fail.
+#[derive(Debug)]
+pub struct WebhookServer {
+    webhook: Webhook,
+    ops: WebhookOps,
+    cert: Arc<ReloadingCert>,
+    grace: Duration,
+}
+
+impl WebhookServer {
+    /// Builds the server from config. `region` stands in for `ecr.region` when that is unset;
+    /// `own_namespace` (the pod's, from the downward API) is always skipped, so the webhook
+    /// never stands in the way of its own recovery.
+    pub fn new(
+        config: &Config,
+        region: Option<&str>,
+        own_namespace: Option<&str>,
+    ) -> Result<WebhookServer, WebhookError> {
+        let rules = rules(config, region)?;
+        let w = &config.webhook;
+        let mut skip_namespaces: BTreeSet<String> = w.skip_namespaces.clone();
+        skip_namespaces.extend(own_namespace.map(str::to_owned));
+        let (metrics, registry) = WebhookMetrics::new();
+        let cert = ReloadingCert::new(
+            w.cert_file.clone(),
+            w.key_file.clone(),
+            metrics.cert.clone(),
+        )
+        .map_err(|e| {
+            let (cert_at, key_at) = &w.cert_origin;
+            match e {
+                TlsError::Key { .. } | TlsError::Mismatch { .. } => key_at.error(e.to_string()),
+                TlsError::Read { ref path, .. } if *path == w.key_file.display().to_string() => {
+                    key_at.error(e.to_string())
+                }
+                _ => cert_at.error(e.to_string()),
+            }
+        })?;
+        let policy = Policy {
+            rules,
+            mode: w.mode,
+            skip_namespaces,
+            annotation: w.annotation.clone(),
+        };
+        Ok(WebhookServer {
+            webhook: Webhook::new(policy, metrics),
+            ops: WebhookOps::new(registry),
+            cert: Arc::new(cert),
+            grace: config.timeouts.shutdown,
+        })
+    }
+
+    /// Serves HTTPS on `listener` and ops on `ops` until `shutdown` resolves, then drains both
+    /// for at most `timeouts.shutdown`. Returns whether the drain finished in time.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        ops: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<bool, WebhookError> {
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(Arc::clone(&self.cert))?));
+        let stop = CancellationToken::new();
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        let (https_done, ops_done) = tokio::join!(
+            server::serve_tls(
+                listener,
+                acceptor,
+                Arc::new(self.webhook),
+                stop.clone().cancelled_owned(),
+                self.grace,
+            ),
+            server::serve(ops, Arc::new(self.ops), stop.cancelled_owned(), self.grace),
+        );
+        Ok(https_done && ops_done)
+    }
+}
