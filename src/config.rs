@@ -72,6 +72,8 @@ pub struct RawConfig {
     timeouts: RawTimeouts,
     #[serde(default)]
     manifest_cache: RawManifestCache,
+    #[serde(default)]
+    ecr_setup: crate::ecr_ops::settings::RawEcrSetup,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +123,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Upper bound, in bytes, of the in-memory manifest cache.
     pub manifest_cache_bytes: u64,
+    /// `[ecr_setup]`: what `pullthrough ecr setup` creates besides the rules.
+    pub ecr_setup: crate::ecr_ops::settings::EcrSetup,
 }
 
 /// `[ecr]`: every field may be discovered at run time instead.
@@ -400,6 +404,14 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             .map(|s| *s.get_ref())
             .unwrap_or(64 * 1024 * 1024);
 
+        let ecr_setup = crate::ecr_ops::settings::EcrSetup::validate(
+            &raw.ecr_setup,
+            &upstreams,
+            ecr.region.as_deref(),
+            ecr.account.as_deref(),
+        )
+        .map_err(|e| at.err(&e.span, &e.key, e.message))?;
+
         Ok(Config {
             listen,
             ops_listen,
@@ -408,6 +420,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             upstreams,
             timeouts,
             manifest_cache_bytes,
+            ecr_setup,
         })
     }
 }

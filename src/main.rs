@@ -54,6 +54,11 @@ enum Command {
         #[arg(long, env = "PULLTHROUGH_CONFIG")]
         config: PathBuf,
     },
+    /// Set up, check, warm and clean up the account's ECR pull-through cache.
+    Ecr {
+        #[command(subcommand)]
+        command: pullthrough::ecr_ops::cli::EcrCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Command::Serve { config }
         | Command::Hosts { config, .. }
         | Command::CheckConfig { config } => config.clone(),
+        Command::Ecr { command } => command.config().to_owned(),
     };
     let config = match Config::load(&config_path) {
         Ok(c) => c,
@@ -81,6 +87,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { .. } => run_serve(config),
         Command::Hosts { dir, .. } => run_hosts(&config, &dir),
+        Command::Ecr { command } => return run_ecr(config, command),
         Command::CheckConfig { .. } => {
             println!(
                 "{}: ok ({} upstreams)",
@@ -167,4 +174,33 @@ fn run_hosts(config: &Config, dir: &std::path::Path) -> anyhow::Result<bool> {
         println!("{}", p.display());
     }
     Ok(true)
+}
+
+/// `pullthrough ecr …`: 0 when everything passed, 1 when something failed, 64 for usage.
+fn run_ecr(config: Config, command: pullthrough::ecr_ops::cli::EcrCommand) -> ExitCode {
+    // One crypto provider for every TLS client in the process (ours and the AWS SDK's).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pullthrough: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    match runtime.block_on(pullthrough::ecr_ops::cli::run(config, command, &mut out)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("pullthrough: {e}");
+            if e.is_usage() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }
