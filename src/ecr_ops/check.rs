@@ -11,7 +11,7 @@ use aws_sdk_ecr::Client;
 use super::EcrOpsError;
 use super::aws;
 use super::policy;
-use super::setup::{Desired, RuleSpec, TemplateSpec, Target};
+use super::setup::{Desired, RuleSpec, Target, TemplateSpec};
 use super::warm::{Fetcher, target};
 use crate::config::Config;
 use crate::sign::{EcrTokenSource, TokenSource};
@@ -87,7 +87,11 @@ pub fn rule_checks(desired: &Desired, observed: &[RuleSpec]) -> Vec<Check> {
                     want.credential_arn.as_deref().unwrap_or("(none)")
                 ),
             ),
-            Some(_) => check(Status::Pass, name, format!("{} as configured", want.upstream_url)),
+            Some(_) => check(
+                Status::Pass,
+                name,
+                format!("{} as configured", want.upstream_url),
+            ),
         };
         out.push(c);
     }
@@ -251,7 +255,9 @@ pub async fn run(
                     .send()
                     .await;
                 out.push(match res {
-                    Ok(v) if v.is_valid() => check(Status::Pass, name, "ValidatePullThroughCacheRule: valid"),
+                    Ok(v) if v.is_valid() => {
+                        check(Status::Pass, name, "ValidatePullThroughCacheRule: valid")
+                    }
                     Ok(v) => check(
                         Status::Fail,
                         name,
@@ -276,7 +282,15 @@ pub async fn run(
     }
     let prefixes: Vec<String> = desired.rules.iter().map(|r| r.prefix.clone()).collect();
     if config.ecr_setup.node_role_arns.is_empty() {
-        out.extend(policy_checks(&[], None, &Target { region: String::new(), account: String::new() }, &prefixes));
+        out.extend(policy_checks(
+            &[],
+            None,
+            &Target {
+                region: String::new(),
+                account: String::new(),
+            },
+            &prefixes,
+        ));
     } else {
         match (aws::registry_policy(client).await, &target) {
             (Ok(p), Ok(t)) => out.extend(policy_checks(
@@ -308,7 +322,11 @@ pub async fn run(
                     "{}:{} answered {} ({} bytes), time to first byte {} ms",
                     t.repository,
                     t.tag,
-                    if m.media_type.is_empty() { "a manifest" } else { &m.media_type },
+                    if m.media_type.is_empty() {
+                        "a manifest"
+                    } else {
+                        &m.media_type
+                    },
                     m.size,
                     m.ttfb.as_millis()
                 ),
@@ -376,7 +394,10 @@ mod tests {
             got.iter().map(|c| c.status).collect::<Vec<_>>(),
             [Status::Warn, Status::Warn, Status::Pass]
         );
-        assert_eq!(got[1].detail, "differs: imageTagMutability: IMMUTABLE -> MUTABLE");
+        assert_eq!(
+            got[1].detail,
+            "differs: imageTagMutability: IMMUTABLE -> MUTABLE"
+        );
     }
 
     #[test]
@@ -386,21 +407,34 @@ mod tests {
             "arn:aws:iam::123456789012:role/other".to_owned(),
         ];
         let d = desired();
-        let text = policy::merge(None, d.node_statement.as_ref().unwrap()).unwrap().policy;
+        let text = policy::merge(None, d.node_statement.as_ref().unwrap())
+            .unwrap()
+            .policy;
         let prefixes = vec!["docker-hub".to_owned(), "quay".to_owned()];
         let got = policy_checks(&roles, Some(&text), &st::target(), &prefixes);
         assert_eq!(got[0].status, Status::Pass);
         assert_eq!(got[1].status, Status::Fail);
         assert!(got[1].detail.starts_with("not granted: ecr:BatchImportUpstreamImage on arn:aws:ecr:eu-west-1:123456789012:repository/docker-hub/*"));
-        assert_eq!(policy_checks(&[], None, &st::target(), &prefixes)[0].status, Status::Warn);
+        assert_eq!(
+            policy_checks(&[], None, &st::target(), &prefixes)[0].status,
+            Status::Warn
+        );
     }
 
     #[test]
     fn golden_report() {
         let checks = vec![
             check(Status::Pass, "token", "GetAuthorizationToken answered"),
-            check(Status::Warn, "rule gcr", "ECR has no pull-through cache for gcr.io"),
-            check(Status::Fail, "registry policy arn:x", "not granted: ecr:CreateRepository on y"),
+            check(
+                Status::Warn,
+                "rule gcr",
+                "ECR has no pull-through cache for gcr.io",
+            ),
+            check(
+                Status::Fail,
+                "registry policy arn:x",
+                "not granted: ecr:CreateRepository on y",
+            ),
         ];
         let want = "\
 pass  token                  GetAuthorizationToken answered

@@ -28,14 +28,22 @@ pub struct RepoInfo {
 
 /// Checks that `prefix` is a configured pull-through prefix or lies under one, unless
 /// `any_prefix`. Returns the prefix without trailing slashes.
-pub fn check_prefix(config: &Config, prefix: &str, any_prefix: bool) -> Result<String, EcrOpsError> {
+pub fn check_prefix(
+    config: &Config,
+    prefix: &str,
+    any_prefix: bool,
+) -> Result<String, EcrOpsError> {
     let p = prefix.trim_end_matches('/');
     if p.is_empty() || !crate::route::valid_name(p) {
         return Err(EcrOpsError::Usage(format!(
             "--prefix {prefix:?} is not a repository name prefix"
         )));
     }
-    let configured: Vec<&str> = config.upstreams.values().map(|u| u.prefix.as_str()).collect();
+    let configured: Vec<&str> = config
+        .upstreams
+        .values()
+        .map(|u| u.prefix.as_str())
+        .collect();
     let inside = configured
         .iter()
         .any(|c| p == *c || p.strip_prefix(c).is_some_and(|rest| rest.starts_with('/')));
@@ -146,9 +154,9 @@ pub async fn delete(
             .await;
         match result {
             Ok(_) => out.deleted.push(repo.name.clone()),
-            Err(e) if e
-                .as_service_error()
-                .is_some_and(|s| s.is_repository_not_found_exception()) =>
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_repository_not_found_exception()) =>
             {
                 // Already gone (deleted meanwhile): the goal is reached.
                 out.deleted.push(repo.name.clone());
@@ -186,7 +194,10 @@ pub fn render_list(prefix: &str, repos: &[RepoInfo]) -> String {
         .max()
         .unwrap_or(0)
         .max("REPOSITORY".len());
-    let mut out = format!("{:<width$}  {:>7}  {:>10}\n", "REPOSITORY", "IMAGES", "SIZE");
+    let mut out = format!(
+        "{:<width$}  {:>7}  {:>10}\n",
+        "REPOSITORY", "IMAGES", "SIZE"
+    );
     for r in repos {
         let _ = writeln!(
             out,
@@ -246,7 +257,13 @@ mod tests {
     #[case::trailing_slash("docker-hub/", false, Ok("docker-hub"))]
     #[case::nested_configured("cache/quay", false, Ok("cache/quay"))]
     #[case::under_configured("docker-hub/library", false, Ok("docker-hub/library"))]
-    #[case::sibling_name("docker-hubx", false, Err("is not one of the configured pull-through prefixes (docker-hub, cache/quay); pass --any-prefix"))]
+    #[case::sibling_name(
+        "docker-hubx",
+        false,
+        Err(
+            "is not one of the configured pull-through prefixes (docker-hub, cache/quay); pass --any-prefix"
+        )
+    )]
     #[case::parent_of_configured("cache", false, Err("is not one of the configured"))]
     #[case::other_allowed("team-a", true, Ok("team-a"))]
     #[case::invalid("Team A", true, Err("is not a repository name prefix"))]
@@ -291,5 +308,108 @@ docker-hub/bitnami/redis         0         0 B
 2 repositories, 2 images, 3.4 MiB under docker-hub/
 ";
         assert_eq!(render_list("docker-hub", &repos), want);
+    }
+
+    mod mocked {
+        //! Pagination and interruption against aws-smithy-mocks; the real listing and deleting
+        //! of >100 repositories runs against moto in the integration tests.
+        use super::*;
+        use aws_sdk_ecr::operation::delete_repository::DeleteRepositoryOutput;
+        use aws_sdk_ecr::operation::describe_images::DescribeImagesOutput;
+        use aws_sdk_ecr::operation::describe_repositories::DescribeRepositoriesOutput;
+        use aws_sdk_ecr::types::{ImageDetail, Repository};
+        use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
+        use std::sync::{Arc, Mutex};
+
+        fn client(rules: &[Rule]) -> Client {
+            let refs: Vec<&Rule> = rules.iter().collect();
+            mock_client!(aws_sdk_ecr, RuleMode::MatchAny, refs)
+        }
+
+        fn repos(names: &[&str], next: Option<&str>) -> DescribeRepositoriesOutput {
+            DescribeRepositoriesOutput::builder()
+                .set_repositories(Some(
+                    names
+                        .iter()
+                        .map(|n| Repository::builder().repository_name(*n).build())
+                        .collect(),
+                ))
+                .set_next_token(next.map(str::to_owned))
+                .build()
+        }
+
+        #[tokio::test]
+        async fn lists_across_pages_only_under_the_prefix() {
+            let p1 = mock!(Client::describe_repositories)
+                .match_requests(|r| r.next_token().is_none())
+                .then_output(|| repos(&["docker-hub/a", "docker-hubx/b", "quay/c"], Some("t2")));
+            let p2 = mock!(Client::describe_repositories)
+                .match_requests(|r| r.next_token() == Some("t2"))
+                .then_output(|| repos(&["docker-hub/library/d"], None));
+            let images = mock!(Client::describe_images).then_output(|| {
+                DescribeImagesOutput::builder()
+                    .image_details(ImageDetail::builder().image_size_in_bytes(1000).build())
+                    .image_details(ImageDetail::builder().image_size_in_bytes(24).build())
+                    .build()
+            });
+            let got = list(&client(&[p1, p2, images]), "docker-hub")
+                .await
+                .unwrap();
+            assert_eq!(
+                got,
+                [
+                    RepoInfo {
+                        name: "docker-hub/a".into(),
+                        images: 2,
+                        bytes: 1024
+                    },
+                    RepoInfo {
+                        name: "docker-hub/library/d".into(),
+                        images: 2,
+                        bytes: 1024
+                    },
+                ]
+            );
+        }
+
+        #[tokio::test]
+        async fn an_interrupt_finishes_the_current_delete_and_touches_no_other() {
+            let stop = CancellationToken::new();
+            let deleted = Arc::new(Mutex::new(Vec::<String>::new()));
+            let (trigger, log) = (stop.clone(), Arc::clone(&deleted));
+            let delete_rule = mock!(Client::delete_repository).then_compute_output(move |r| {
+                assert_eq!(r.force(), Some(true), "deletes must be forced");
+                log.lock()
+                    .unwrap()
+                    .push(r.repository_name().unwrap().to_owned());
+                // Ctrl-C arrives while the second delete is in flight.
+                if log.lock().unwrap().len() == 2 {
+                    trigger.cancel();
+                }
+                DeleteRepositoryOutput::builder().build()
+            });
+            let repos: Vec<RepoInfo> = (0..5)
+                .map(|i| RepoInfo {
+                    name: format!("docker-hub/r{i}"),
+                    images: 0,
+                    bytes: 0,
+                })
+                .collect();
+            let d = delete(&client(&[delete_rule]), &repos, &stop, |_| {}).await;
+            assert_eq!(d.deleted, ["docker-hub/r0", "docker-hub/r1"]);
+            assert_eq!(*deleted.lock().unwrap(), d.deleted);
+            assert_eq!(
+                d.untouched,
+                ["docker-hub/r2", "docker-hub/r3", "docker-hub/r4"]
+            );
+            let report = render_deleted(&d, true);
+            assert!(
+                report.starts_with(
+                    "Deleted 2 of 5 repositories.\nInterrupted: 3 repositories were not touched:\n"
+                ),
+                "{report}"
+            );
+            assert!(report.contains("  not deleted (interrupted): docker-hub/r4\n"));
+        }
     }
 }

@@ -145,7 +145,8 @@ pub async fn run(
         }
         EcrCommand::Check { pull, .. } => {
             let fetcher = fetcher(&config, &client, region.as_deref()).ok();
-            let checks = check::run(&config, &client, region.as_deref(), fetcher.as_ref(), &pull).await;
+            let checks =
+                check::run(&config, &client, region.as_deref(), fetcher.as_ref(), &pull).await;
             out.write_all(check::render(&checks).as_bytes())?;
             Ok(!checks.iter().any(|c| c.status == check::Status::Fail))
         }
@@ -169,9 +170,13 @@ pub async fn run(
             let fetcher = fetcher(&config, &client, region.as_deref())?;
             let bar = progress(images.len() as u64);
             let tick = bar.clone();
-            let results = warm::warm_all(&fetcher, &config, &images, usize::from(concurrency), move || {
-                tick.inc(1)
-            })
+            let results = warm::warm_all(
+                &fetcher,
+                &config,
+                &images,
+                usize::from(concurrency),
+                move || tick.inc(1),
+            )
             .await;
             bar.finish_and_clear();
             out.write_all(warm::render(&results).as_bytes())?;
@@ -217,7 +222,8 @@ fn fetcher(
 ) -> Result<warm::Fetcher, EcrOpsError> {
     let forwarder = Forwarder::new(&config.timeouts, config.ecr.ca_file.as_deref())
         .map_err(|e| EcrOpsError::Usage(e.to_string()))?;
-    let base = crate::registry_base(&config.ecr, region).map_err(|e| EcrOpsError::Usage(e.to_string()))?;
+    let base =
+        crate::registry_base(&config.ecr, region).map_err(|e| EcrOpsError::Usage(e.to_string()))?;
     let tokens = TokenCache::new(
         Arc::new(EcrTokenSource::new(client.clone())),
         Metrics::new().0,
@@ -241,12 +247,18 @@ pub async fn run_setup(
     })?;
     out.write_all(setup::render(&plan).as_bytes())?;
     if plan.count(Action::Conflict) > 0 {
-        writeln!(out, "Resolve the conflicts above first; nothing was changed.")?;
+        writeln!(
+            out,
+            "Resolve the conflicts above first; nothing was changed."
+        )?;
         return Ok(false);
     }
     if !apply {
         if plan.has_changes() {
-            writeln!(out, "Dry run: nothing changed. Run again with --apply to make these changes.")?;
+            writeln!(
+                out,
+                "Dry run: nothing changed. Run again with --apply to make these changes."
+            )?;
         } else {
             writeln!(out, "Everything is as configured.")?;
         }
@@ -254,7 +266,10 @@ pub async fn run_setup(
     }
     let applied = aws::apply(client, &plan).await?;
     let mut ok = true;
-    for a in applied.iter().filter(|a| !matches!(a.step.op, setup::Op::None)) {
+    for a in applied
+        .iter()
+        .filter(|a| !matches!(a.step.op, setup::Op::None))
+    {
         let verb = match a.step.action {
             Action::Create => "created",
             _ => "updated",
@@ -271,6 +286,10 @@ pub async fn run_setup(
         .iter()
         .filter(|a| !matches!(a.step.op, setup::Op::None) && a.result.is_ok())
         .count();
-    writeln!(out, "Applied {changed} change(s){}.", if ok { "" } else { "; some failed (above)" })?;
+    writeln!(
+        out,
+        "Applied {changed} change(s){}.",
+        if ok { "" } else { "; some failed (above)" }
+    )?;
     Ok(ok)
 }

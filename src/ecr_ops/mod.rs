@@ -42,7 +42,9 @@ pub enum EcrOpsError {
         message: String,
     },
     /// Throttled even after the SDK's own retries.
-    #[error("{op}: throttled by ECR even after retrying; wait a minute and run it again: {message}")]
+    #[error(
+        "{op}: throttled by ECR even after retrying; wait a minute and run it again: {message}"
+    )]
     Throttled {
         /// The API operation.
         op: &'static str,

@@ -105,9 +105,8 @@ pub struct Merged {
 pub fn merge(existing: Option<&str>, ours: &Value) -> Result<Merged, PolicyError> {
     let mut doc = match existing {
         None => json!({ "Version": "2012-10-17", "Statement": [] }),
-        Some(text) => {
-            serde_json::from_str::<Value>(text).map_err(|e| PolicyError::Unreadable(e.to_string()))?
-        }
+        Some(text) => serde_json::from_str::<Value>(text)
+            .map_err(|e| PolicyError::Unreadable(e.to_string()))?,
     };
     let obj = doc
         .as_object_mut()
@@ -132,8 +131,8 @@ pub fn merge(existing: Option<&str>, ours: &Value) -> Result<Merged, PolicyError
     } else {
         list.push(ours.clone());
     }
-    let policy = serde_json::to_string_pretty(&doc)
-        .map_err(|e| PolicyError::Unreadable(e.to_string()))?;
+    let policy =
+        serde_json::to_string_pretty(&doc).map_err(|e| PolicyError::Unreadable(e.to_string()))?;
     Ok(Merged {
         policy,
         changed,
@@ -159,21 +158,31 @@ pub fn missing_grants(policy: Option<&str>, role: &str, resources: &[String]) ->
         Value::Object(_) => vec![normalize(&doc["Statement"])],
         _ => return all_missing(),
     };
-    let account_root = role
-        .split(':')
-        .nth(4)
-        .map(|acct| format!("arn:{}:iam::{acct}:root", role.split(':').nth(1).unwrap_or("aws")));
+    let account_root = role.split(':').nth(4).map(|acct| {
+        format!(
+            "arn:{}:iam::{acct}:root",
+            role.split(':').nth(1).unwrap_or("aws")
+        )
+    });
     let names_role = |s: &Value| match &s["Principal"] {
         Value::String(p) => p == "*",
         p => p["AWS"].as_array().is_some_and(|list| {
             list.iter().filter_map(Value::as_str).any(|p| {
-                p == "*" || p == role || Some(p) == account_root.as_deref() || p.len() == 12 && role.contains(&format!(":{p}:"))
+                p == "*"
+                    || p == role
+                    || Some(p) == account_root.as_deref()
+                    || p.len() == 12 && role.contains(&format!(":{p}:"))
             })
         }),
     };
     let strs = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     if statements
@@ -189,7 +198,9 @@ pub fn missing_grants(policy: Option<&str>, role: &str, resources: &[String]) ->
                 s["Effect"] == "Allow"
                     && s.get("Condition").is_none()
                     && names_role(s)
-                    && strs(&s["Action"]).iter().any(|a| glob(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
+                    && strs(&s["Action"])
+                        .iter()
+                        .any(|a| glob(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
                     && strs(&s["Resource"]).iter().any(|r| covers(r, resource))
             });
             if !granted {
@@ -299,7 +310,10 @@ mod tests {
     #[case::statement_not_list(r#"{"Statement": 3}"#)]
     #[case::not_object("[]")]
     fn unreadable_policies_are_errors(#[case] text: &str) {
-        assert!(matches!(merge(Some(text), &ours()), Err(PolicyError::Unreadable(_))));
+        assert!(matches!(
+            merge(Some(text), &ours()),
+            Err(PolicyError::Unreadable(_))
+        ));
     }
 
     #[rstest]

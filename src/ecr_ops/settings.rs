@@ -207,7 +207,9 @@ pub fn parse_secret_arn(arn: &str) -> Result<(&str, &str), String> {
         return Err("is not a Secrets Manager secret ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:ecr-pullthroughcache/NAME)".into());
     }
     if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("has {account:?} where a 12-digit account id belongs"));
+        return Err(format!(
+            "has {account:?} where a 12-digit account id belongs"
+        ));
     }
     let Some(rest) = name.strip_prefix(SECRET_NAME_PREFIX) else {
         return Err(format!(
@@ -295,10 +297,8 @@ impl EcrSetup {
                     ));
                 }
             }
-            let (secret_region, secret_account) =
-                parse_secret_arn(arn.get_ref()).map_err(|why| {
-                    err(arn.span(), &key, format!("{:?} {why}", arn.get_ref()))
-                })?;
+            let (secret_region, secret_account) = parse_secret_arn(arn.get_ref())
+                .map_err(|why| err(arn.span(), &key, format!("{:?} {why}", arn.get_ref())))?;
             if let Some(r) = region
                 && r != secret_region
             {
@@ -390,13 +390,15 @@ fn validate_template(raw: &RawTemplate) -> Result<TemplateSettings, FieldError> 
                 "set either lifecycle_policy_file or untagged_expire_days, not both".into(),
             ));
         }
-        (Some(f), None) => Some(read_lifecycle_policy(Path::new(f.get_ref())).map_err(|why| {
-            (
-                f.span(),
-                key("lifecycle_policy_file"),
-                format!("{:?} {why}", f.get_ref()),
-            )
-        })?),
+        (Some(f), None) => Some(
+            read_lifecycle_policy(Path::new(f.get_ref())).map_err(|why| {
+                (
+                    f.span(),
+                    key("lifecycle_policy_file"),
+                    format!("{:?} {why}", f.get_ref()),
+                )
+            })?,
+        ),
         (None, Some(d)) if *d.get_ref() == 0 => None,
         (None, Some(d)) if *d.get_ref() > 36_500 => {
             return Err((
@@ -452,8 +454,7 @@ mod tests {
     use crate::config::Config;
     use rstest::rstest;
 
-    const HUB_SECRET: &str =
-        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf";
+    const HUB_SECRET: &str = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf";
 
     fn load(extra: &str) -> Result<Config, String> {
         let text = format!(
@@ -493,7 +494,10 @@ mod tests {
             HUB_SECRET
         );
         assert_eq!(s.template.tag_mutability, TagMutability::Immutable);
-        assert_eq!(s.template.encryption.kms_key(), Some("arn:aws:kms:eu-west-1:123456789012:key/1"));
+        assert_eq!(
+            s.template.encryption.kms_key(),
+            Some("arn:aws:kms:eu-west-1:123456789012:key/1")
+        );
         assert_eq!(s.template.lifecycle_policy, None);
         assert_eq!(s.template.resource_tags["team"], "platform");
     }
@@ -561,7 +565,10 @@ mod tests {
     )]
     fn invalid_settings_name_file_line_and_key(#[case] extra: &str, #[case] want: &str) {
         let err = load(extra).unwrap_err();
-        assert!(err.contains(want), "error {err:?} does not contain {want:?}");
+        assert!(
+            err.contains(want),
+            "error {err:?} does not contain {want:?}"
+        );
     }
 
     #[rstest]
@@ -575,10 +582,7 @@ mod tests {
     #[case::quay("quay.io", Some(("quay.io", false)))]
     #[case::gcr("gcr.io", None)]
     #[case::local("localhost:5000", None)]
-    fn upstream_urls_and_credentials(
-        #[case] registry: &str,
-        #[case] want: Option<(&str, bool)>,
-    ) {
+    fn upstream_urls_and_credentials(#[case] registry: &str, #[case] want: Option<(&str, bool)>) {
         let got = upstream_for(&Registry::parse(registry).unwrap());
         assert_eq!(
             got.as_ref().map(|(u, k)| (u.as_str(), k.needs_credential)),

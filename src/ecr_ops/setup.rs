@@ -248,15 +248,19 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
                 )],
                 Op::None,
             ),
-            Some(have) if want.credential_arn.is_some() && have.credential_arn != want.credential_arn => (
-                Action::Update,
-                vec![format!(
-                    "credentialArn: {} -> {}",
-                    opt(&have.credential_arn),
-                    opt(&want.credential_arn)
-                )],
-                Op::UpdateRule(want.clone()),
-            ),
+            Some(have)
+                if want.credential_arn.is_some() && have.credential_arn != want.credential_arn =>
+            {
+                (
+                    Action::Update,
+                    vec![format!(
+                        "credentialArn: {} -> {}",
+                        opt(&have.credential_arn),
+                        opt(&want.credential_arn)
+                    )],
+                    Op::UpdateRule(want.clone()),
+                )
+            }
             Some(_) => (Action::Unchanged, vec![], Op::None),
         };
         steps.push(Step {
@@ -375,7 +379,10 @@ fn template_summary(t: &TemplateSpec) -> String {
         t.applied_for.join("+"),
         t.tag_mutability,
         t.encryption_type,
-        t.kms_key.as_ref().map(|k| format!(" ({k})")).unwrap_or_default(),
+        t.kms_key
+            .as_ref()
+            .map(|k| format!(" ({k})"))
+            .unwrap_or_default(),
     );
     if !t.resource_tags.is_empty() {
         let tags: Vec<String> = t
@@ -466,12 +473,7 @@ fn template_diff(have: &TemplateSpec, want: &TemplateSpec) -> Vec<String> {
 /// `!` conflict), indented notes, and a count line.
 pub fn render(plan: &Plan) -> String {
     let mut out = String::new();
-    let width = plan
-        .steps
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(0);
+    let width = plan.steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
     for s in &plan.steps {
         let _ = writeln!(
             out,
@@ -503,7 +505,8 @@ pub(crate) mod tests {
     use rstest::rstest;
 
     pub(crate) const HUB_SECRET: &str = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf";
-    pub(crate) const GH_SECRET: &str = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123";
+    pub(crate) const GH_SECRET: &str =
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123";
 
     pub(crate) fn config() -> Config {
         let text = format!(
@@ -570,7 +573,13 @@ resource_tags = {{ team = "platform" }}
         let urls: Vec<(&str, &str, bool)> = d
             .rules
             .iter()
-            .map(|r| (r.prefix.as_str(), r.upstream_url.as_str(), r.credential_arn.is_some()))
+            .map(|r| {
+                (
+                    r.prefix.as_str(),
+                    r.upstream_url.as_str(),
+                    r.credential_arn.is_some(),
+                )
+            })
             .collect();
         assert_eq!(
             urls,
@@ -647,7 +656,8 @@ resource_tags = {{ team = "platform" }}
         };
         assert_eq!(t.applied_for, ["PULL_THROUGH_CACHE", "REPLICATION"]);
         // Once both are there, nothing changes.
-        let o = with(|o| o.templates[0].applied_for = vec![APPLIED_FOR.into(), "REPLICATION".into()]);
+        let o =
+            with(|o| o.templates[0].applied_for = vec![APPLIED_FOR.into(), "REPLICATION".into()]);
         let p = plan(&want(), &o).unwrap();
         assert!(!p.has_changes());
     }
@@ -684,7 +694,10 @@ Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
     #[test]
     fn golden_plan_with_updates_and_a_conflict() {
         let o = with(|o| {
-            o.rules[0].credential_arn = Some("arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old".into());
+            o.rules[0].credential_arn = Some(
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old"
+                    .into(),
+            );
             o.rules[2].upstream_url = "public.ecr.aws".into();
             o.templates[1].tag_mutability = "IMMUTABLE".into();
             o.templates[1].lifecycle_policy = None;

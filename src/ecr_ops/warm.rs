@@ -388,7 +388,10 @@ mod tests {
     fn targets(#[case] image: &str, #[case] want: Result<(&str, &str, &str), &str>) {
         match (target(&config(), image), want) {
             (Ok(t), Ok((i, r, tag))) => {
-                assert_eq!((t.image.as_str(), t.repository.as_str(), t.tag.as_str()), (i, r, tag));
+                assert_eq!(
+                    (t.image.as_str(), t.repository.as_str(), t.tag.as_str()),
+                    (i, r, tag)
+                );
             }
             (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{e}"),
             (got, want) => panic!("got {got:?}, want {want:?}"),
@@ -397,10 +400,26 @@ mod tests {
 
     #[rstest]
     #[case::oci_index("application/vnd.oci.image.index.v1+json", r#"{"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"digest":"SHA"},{"digest":"SHA"}]}"#, 2)]
-    #[case::docker_list("application/vnd.docker.distribution.manifest.list.v2+json", r#"{"manifests":[{"digest":"SHA"}]}"#, 1)]
-    #[case::index_by_body_only("application/octet-stream", r#"{"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"digest":"SHA"}]}"#, 1)]
-    #[case::image_manifest("application/vnd.oci.image.manifest.v1+json", r#"{"layers":[],"manifests":[{"digest":"SHA"}]}"#, 0)]
-    #[case::bad_digest("application/vnd.oci.image.index.v1+json", r#"{"manifests":[{"digest":"sha256:nope"}]}"#, 0)]
+    #[case::docker_list(
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        r#"{"manifests":[{"digest":"SHA"}]}"#,
+        1
+    )]
+    #[case::index_by_body_only(
+        "application/octet-stream",
+        r#"{"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"digest":"SHA"}]}"#,
+        1
+    )]
+    #[case::image_manifest(
+        "application/vnd.oci.image.manifest.v1+json",
+        r#"{"layers":[],"manifests":[{"digest":"SHA"}]}"#,
+        0
+    )]
+    #[case::bad_digest(
+        "application/vnd.oci.image.index.v1+json",
+        r#"{"manifests":[{"digest":"sha256:nope"}]}"#,
+        0
+    )]
     #[case::not_json("application/vnd.oci.image.index.v1+json", "{", 0)]
     fn index_children(#[case] media_type: &str, #[case] body: &str, #[case] n: usize) {
         let body = Bytes::from(body.replace("SHA", SHA_A));
@@ -409,7 +428,8 @@ mod tests {
 
     #[test]
     fn images_file_skips_blanks_and_comments() {
-        let got = parse_images_file("# base images\nalpine:3.19\n\n  nginx:1.27  # web\n#quay.io/x:1\n");
+        let got =
+            parse_images_file("# base images\nalpine:3.19\n\n  nginx:1.27  # web\n#quay.io/x:1\n");
         assert_eq!(got, ["alpine:3.19", "nginx:1.27"]);
     }
 
@@ -428,7 +448,9 @@ mod tests {
                 repository: None,
                 manifests: 0,
                 ttfb: None,
-                result: Err(WarmError::Image("ghcr.io is not a configured upstream, so it has no pull-through prefix".into())),
+                result: Err(WarmError::Image(
+                    "ghcr.io is not a configured upstream, so it has no pull-through prefix".into(),
+                )),
             },
         ];
         let want = "\
