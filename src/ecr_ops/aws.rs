@@ -78,7 +78,19 @@ where
         },
         None => EcrOpsError::Api {
             op,
-            message: format!("cannot reach the ECR API: {message}"),
+            message: match (&e, e.raw_response()) {
+                (SdkError::DispatchFailure(_), _) => {
+                    format!("cannot reach the ECR API: {}", DisplayErrorContext(&e))
+                }
+                (SdkError::TimeoutError(_), _) => "timed out waiting for the ECR API".to_owned(),
+                // An answer that is not ECR's JSON (a proxy's error page, an API the endpoint
+                // does not implement): the status says more than the parser's complaint.
+                (_, Some(raw)) => format!(
+                    "unexpected answer from the ECR API: HTTP {}",
+                    raw.status().as_u16()
+                ),
+                (_, None) => message,
+            },
         },
     }
 }

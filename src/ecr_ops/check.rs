@@ -8,7 +8,6 @@ use std::fmt::Write as _;
 
 use aws_sdk_ecr::Client;
 
-use super::EcrOpsError;
 use super::aws;
 use super::policy;
 use super::setup::{Desired, RuleSpec, Target, TemplateSpec};
@@ -230,17 +229,19 @@ pub async fn run(
     });
 
     let target = super::cli::resolve_target(config, client, region).await;
-    let desired = match &target {
-        Ok(t) => super::setup::desired(config, t),
-        Err(e) => Err(EcrOpsError::Usage(e.to_string())),
+    if let Err(e) = &target {
+        out.push(check(Status::Fail, "registry", e.to_string()));
+    }
+    // Without a target only the policy resources are unknown; the rest is still checked.
+    let fallback = Target {
+        region: region.unwrap_or_default().to_owned(),
+        account: String::new(),
     };
-    let desired = match desired {
-        Ok(d) => d,
-        Err(e) => {
-            out.push(check(Status::Fail, "config", e.to_string()));
-            return out;
-        }
-    };
+    let (desired, missing) =
+        super::setup::desired_parts(config, target.as_ref().unwrap_or(&fallback));
+    for (prefix, message) in missing {
+        out.push(check(Status::Fail, format!("credential {prefix}"), message));
+    }
     match aws::rules(client).await {
         Ok(observed) => {
             out.extend(rule_checks(&desired, &observed));
@@ -300,7 +301,8 @@ pub async fn run(
                 &prefixes,
             )),
             (Err(e), _) => out.push(check(Status::Fail, "registry policy", e.to_string())),
-            (_, Err(e)) => out.push(check(Status::Fail, "registry policy", e.to_string())),
+            // Already reported as the `registry` line.
+            (_, Err(_)) => {}
         }
     }
     for image in pulls {

@@ -89,6 +89,23 @@ pub struct Target {
 
 /// Computes the desired state. Fails (usage) when an upstream that needs a credential has none.
 pub fn desired(config: &Config, target: &Target) -> Result<Desired, EcrOpsError> {
+    let (desired, missing) = desired_parts(config, target);
+    if missing.is_empty() {
+        Ok(desired)
+    } else {
+        Err(EcrOpsError::Usage(
+            missing
+                .into_iter()
+                .map(|(_, m)| m)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ))
+    }
+}
+
+/// The desired state, with rules whose required credential is missing left without one, and
+/// those problems as (prefix, message). `check` reports them and carries on.
+pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String, String)>) {
     let setup = &config.ecr_setup;
     let mut rules = Vec::new();
     let mut unsupported = Vec::new();
@@ -100,21 +117,20 @@ pub fn desired(config: &Config, target: &Target) -> Result<Desired, EcrOpsError>
         };
         let credential_arn = setup.credentials.get(registry).cloned();
         if kind.needs_credential && credential_arn.is_none() {
-            missing.push(format!(
-                "ecr_setup.credentials.\"{registry}\": {} pull-through rules need a Secrets Manager \
-                 secret whose name starts with \"{SECRET_NAME_PREFIX}\"; set its ARN",
-                kind.name
+            missing.push((
+                upstream.prefix.clone(),
+                format!(
+                    "ecr_setup.credentials.\"{registry}\": {} pull-through rules need a Secrets \
+                     Manager secret whose name starts with \"{SECRET_NAME_PREFIX}\"; set its ARN",
+                    kind.name
+                ),
             ));
-            continue;
         }
         rules.push(RuleSpec {
             prefix: upstream.prefix.clone(),
             upstream_url: url,
             credential_arn,
         });
-    }
-    if !missing.is_empty() {
-        return Err(EcrOpsError::Usage(missing.join("\n")));
     }
     let t = &setup.template;
     let templates = rules
@@ -136,12 +152,15 @@ pub fn desired(config: &Config, target: &Target) -> Result<Desired, EcrOpsError>
             .collect();
         policy::node_statement(&setup.node_role_arns, &resources)
     });
-    Ok(Desired {
-        rules,
-        templates,
-        node_statement,
-        unsupported,
-    })
+    (
+        Desired {
+            rules,
+            templates,
+            node_statement,
+            unsupported,
+        },
+        missing,
+    )
 }
 
 /// What a plan step does.
