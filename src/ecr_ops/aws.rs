@@ -171,6 +171,7 @@ pub async fn templates(client: &Client) -> Result<Vec<TemplateSpec>, EcrOpsError
                     .iter()
                     .map(|tag| (tag.key().to_owned(), tag.value().to_owned()))
                     .collect(),
+                custom_role_arn: t.custom_role_arn().map(str::to_owned),
             });
         }
         match page.next_token() {
@@ -258,6 +259,7 @@ async fn apply_op(client: &Client, op: &Op) -> Result<(), EcrOpsError> {
                 .image_tag_mutability(ImageTagMutability::from(t.tag_mutability.as_str()))
                 .set_lifecycle_policy(t.lifecycle_policy.clone())
                 .set_applied_for(Some(applied))
+                .set_custom_role_arn(t.custom_role_arn.clone())
                 .send()
                 .await
                 .map(drop)
@@ -273,6 +275,7 @@ async fn apply_op(client: &Client, op: &Op) -> Result<(), EcrOpsError> {
                 .image_tag_mutability(ImageTagMutability::from(t.tag_mutability.as_str()))
                 .set_lifecycle_policy(t.lifecycle_policy.clone())
                 .set_applied_for(Some(applied))
+                .set_custom_role_arn(t.custom_role_arn.clone())
                 .send()
                 .await
                 .map(drop)
@@ -442,6 +445,7 @@ mod tests {
                                 .unwrap()
                         }))
                         .set_applied_for(Some(req.applied_for().to_vec()))
+                        .set_custom_role_arn(req.custom_role_arn().map(str::to_owned))
                         .build(),
                 );
                 CreateRepositoryCreationTemplateOutput::builder().build()
@@ -450,10 +454,23 @@ mod tests {
         let update_template = mock!(Client::update_repository_creation_template)
             .then_compute_output(move |req| {
                 let mut a = s.lock().unwrap();
-                a.writes.push(format!(
-                    "UpdateRepositoryCreationTemplate {}",
-                    req.prefix().unwrap()
-                ));
+                let prefix = req.prefix().unwrap().to_owned();
+                a.writes
+                    .push(format!("UpdateRepositoryCreationTemplate {prefix}"));
+                let updated = RepositoryCreationTemplate::builder()
+                    .prefix(&prefix)
+                    .set_encryption_configuration(req.encryption_configuration().cloned())
+                    .set_resource_tags(Some(req.resource_tags().to_vec()))
+                    .set_image_tag_mutability(req.image_tag_mutability().cloned())
+                    .set_lifecycle_policy(req.lifecycle_policy().map(str::to_owned))
+                    .set_applied_for(Some(req.applied_for().to_vec()))
+                    .set_custom_role_arn(req.custom_role_arn().map(str::to_owned))
+                    .build();
+                for t in &mut a.templates {
+                    if t.prefix() == Some(prefix.as_str()) {
+                        *t = updated.clone();
+                    }
+                }
                 UpdateRepositoryCreationTemplateOutput::builder().build()
             });
         let s = Arc::clone(state);
@@ -639,6 +656,41 @@ mod tests {
             state.lock().unwrap().rules[0].credential_arn(),
             Some(st::HUB_SECRET)
         );
+    }
+
+    #[tokio::test]
+    async fn a_drifted_template_is_updated_then_unchanged() {
+        let state = Arc::new(Mutex::new(FakeAccount::default()));
+        let client = client(&fake_rules(&state));
+        setup(&client, true).await;
+        {
+            let mut a = state.lock().unwrap();
+            a.templates[1] = RepositoryCreationTemplate::builder()
+                .prefix("github")
+                .applied_for(RctAppliedFor::PullThroughCache)
+                .applied_for(RctAppliedFor::Replication)
+                .image_tag_mutability(ImageTagMutability::Immutable)
+                .build();
+            a.writes.clear();
+        }
+        let (ok, out) = setup(&client, true).await;
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("      imageTagMutability: IMMUTABLE -> MUTABLE\n"),
+            "{out}"
+        );
+        assert_eq!(
+            state.lock().unwrap().writes,
+            ["UpdateRepositoryCreationTemplate github"]
+        );
+        // Replication keeps using the template: appliedFor is merged, not replaced.
+        let applied = state.lock().unwrap().templates[1].applied_for().to_vec();
+        assert_eq!(
+            applied,
+            [RctAppliedFor::PullThroughCache, RctAppliedFor::Replication]
+        );
+        let (_, out) = setup(&client, false).await;
+        assert!(out.contains("Everything is as configured."), "{out}");
     }
 
     fn failing_create(code: &'static str) -> Rule {

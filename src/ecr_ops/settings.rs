@@ -40,6 +40,7 @@ struct RawTemplate {
     untagged_expire_days: Option<Spanned<u64>>,
     lifecycle_policy_file: Option<Spanned<String>>,
     resource_tags: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    custom_role_arn: Option<Spanned<String>>,
 }
 
 /// A validation failure; `config.rs` turns it into `file:line: key: message`.
@@ -124,6 +125,8 @@ pub struct TemplateSettings {
     pub lifecycle_policy: Option<String>,
     /// Tags put on every created repository.
     pub resource_tags: BTreeMap<String, String>,
+    /// The role ECR assumes to create repositories; needed for resource tags and KMS.
+    pub custom_role_arn: Option<String>,
 }
 
 impl Default for TemplateSettings {
@@ -133,6 +136,7 @@ impl Default for TemplateSettings {
             encryption: Encryption::Aes256,
             lifecycle_policy: Some(default_lifecycle_policy(DEFAULT_UNTAGGED_EXPIRE_DAYS)),
             resource_tags: BTreeMap::new(),
+            custom_role_arn: None,
         }
     }
 }
@@ -429,11 +433,47 @@ fn validate_template(raw: &RawTemplate) -> Result<TemplateSettings, FieldError> 
         }
         resource_tags.insert(name.clone(), v.get_ref().clone());
     }
+    let custom_role_arn = match &raw.custom_role_arn {
+        None => None,
+        Some(r) if valid_role_arn(r.get_ref()) => Some(r.get_ref().clone()),
+        Some(r) => {
+            return Err((
+                r.span(),
+                key("custom_role_arn"),
+                format!(
+                    "{:?} is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
+                    r.get_ref()
+                ),
+            ));
+        }
+    };
+    // ECR tags and KMS-encrypts new repositories only as a role of the account's own.
+    if custom_role_arn.is_none() {
+        let needs = match (&raw.resource_tags, &raw.encryption) {
+            (Some(t), _) if !t.is_empty() => {
+                Some(("resource_tags", t.keys().next().map(Spanned::span)))
+            }
+            (_, Some(e)) if matches!(encryption, Encryption::Kms(_)) => {
+                Some(("encryption", Some(e.span())))
+            }
+            _ => None,
+        };
+        if let Some((k, span)) = needs {
+            return Err((
+                span.unwrap_or(0..0),
+                key(k),
+                "needs ecr_setup.template.custom_role_arn: ECR creates tagged or KMS-encrypted \
+                 repositories only through a role you give it"
+                    .into(),
+            ));
+        }
+    }
     Ok(TemplateSettings {
         tag_mutability,
         encryption,
         lifecycle_policy,
         resource_tags,
+        custom_role_arn,
     })
 }
 
@@ -484,7 +524,8 @@ mod tests {
              [ecr_setup.credentials]\n\"index.docker.io\" = \"{HUB_SECRET}\"\n\
              [ecr_setup.template]\nimage_tag_mutability = \"IMMUTABLE\"\nencryption = \"KMS\"\n\
              kms_key = \"arn:aws:kms:eu-west-1:123456789012:key/1\"\nuntagged_expire_days = 0\n\
-             resource_tags = {{ team = \"platform\" }}\n"
+             resource_tags = {{ team = \"platform\" }}\n\
+             custom_role_arn = \"arn:aws:iam::123456789012:role/ecr-templates\"\n"
         ))
         .unwrap();
         let s = &c.ecr_setup;
@@ -500,6 +541,10 @@ mod tests {
         );
         assert_eq!(s.template.lifecycle_policy, None);
         assert_eq!(s.template.resource_tags["team"], "platform");
+        assert_eq!(
+            s.template.custom_role_arn.as_deref(),
+            Some("arn:aws:iam::123456789012:role/ecr-templates")
+        );
     }
 
     #[rstest]
@@ -558,6 +603,18 @@ mod tests {
     #[case::missing_lifecycle_file(
         "[ecr_setup.template]\nlifecycle_policy_file = \"/nonexistent.json\"\n",
         "p.toml:9: ecr_setup.template.lifecycle_policy_file: \"/nonexistent.json\" is not a readable file"
+    )]
+    #[case::tags_without_role(
+        "[ecr_setup.template]\nresource_tags = { team = \"a\" }\n",
+        "p.toml:9: ecr_setup.template.resource_tags: needs ecr_setup.template.custom_role_arn"
+    )]
+    #[case::kms_without_role(
+        "[ecr_setup.template]\nencryption = \"KMS\"\n",
+        "p.toml:9: ecr_setup.template.encryption: needs ecr_setup.template.custom_role_arn"
+    )]
+    #[case::bad_custom_role(
+        "[ecr_setup.template]\ncustom_role_arn = \"ecr-role\"\n",
+        "p.toml:9: ecr_setup.template.custom_role_arn: \"ecr-role\" is not an IAM role ARN"
     )]
     #[case::aws_tag(
         "[ecr_setup.template]\nresource_tags = { \"aws:x\" = \"1\" }\n",

@@ -52,6 +52,8 @@ pub struct TemplateSpec {
     pub lifecycle_policy: Option<String>,
     /// `resourceTags`.
     pub resource_tags: BTreeMap<String, String>,
+    /// `customRoleArn`.
+    pub custom_role_arn: Option<String>,
 }
 
 /// What the account has now.
@@ -143,6 +145,7 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
             kms_key: t.encryption.kms_key().map(str::to_owned),
             lifecycle_policy: t.lifecycle_policy.clone(),
             resource_tags: t.resource_tags.clone(),
+            custom_role_arn: t.custom_role_arn.clone(),
         })
         .collect();
     let node_statement = (!setup.node_role_arns.is_empty()).then(|| {
@@ -411,6 +414,9 @@ fn template_summary(t: &TemplateSpec) -> String {
             .collect();
         let _ = write!(s, ", tags {}", tags.join(","));
     }
+    if let Some(role) = &t.custom_role_arn {
+        let _ = write!(s, ", role {}", role.rsplit('/').next().unwrap_or(role));
+    }
     s
 }
 
@@ -485,6 +491,13 @@ fn template_diff(have: &TemplateSpec, want: &TemplateSpec) -> Vec<String> {
             show(&want.resource_tags)
         ));
     }
+    if have.custom_role_arn != want.custom_role_arn {
+        notes.push(format!(
+            "customRoleArn: {} -> {}",
+            opt(&have.custom_role_arn),
+            opt(&want.custom_role_arn)
+        ));
+    }
     notes
 }
 
@@ -550,6 +563,7 @@ node_role_arns = ["arn:aws:iam::123456789012:role/eks-nodes"]
 "ghcr.io" = "{GH_SECRET}"
 [ecr_setup.template]
 resource_tags = {{ team = "platform" }}
+custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
 "#
         );
         Config::from_toml_str(&text, "t.toml").unwrap()
@@ -700,9 +714,9 @@ resource_tags = {{ team = "platform" }}
 + rule            quay                              quay.io
 - rule            gcr                               gcr.io
       ECR has no pull-through cache for gcr.io; pulls of it always go upstream
-+ template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform
-+ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform
-+ template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform
++ template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
 + registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
 
 Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
@@ -734,11 +748,11 @@ Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
       prefix \"quay\" already caches public.ecr.aws; ECR cannot change a rule's upstream: delete that rule or choose another prefix
 - rule            gcr                               gcr.io
       ECR has no pull-through cache for gcr.io; pulls of it always go upstream
-= template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform
-~ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform
+= template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
+~ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
       imageTagMutability: IMMUTABLE -> MUTABLE
       lifecyclePolicy: (none) -> expire untagged after 7 days
-= template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform
+= template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
 ~ registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
       keeps the other 1 statement(s) as they are
 
