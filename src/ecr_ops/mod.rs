@@ -83,3 +83,50 @@ impl EcrOpsError {
         matches!(self, EcrOpsError::Usage(_))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every ECR operation the `ecr` commands call, read from the sources (each call goes
+    /// through `api_error("Operation", …)`), must be in the admin IAM policy the README shows.
+    #[test]
+    fn the_documented_admin_policy_allows_every_call() {
+        let sources = [
+            include_str!("aws.rs"),
+            include_str!("check.rs"),
+            include_str!("cleanup.rs"),
+        ];
+        let mut ops: Vec<&str> = sources
+            .iter()
+            .flat_map(|s| s.split("api_error(\"").skip(1))
+            .filter_map(|rest| rest.split('"').next())
+            .filter(|op| op.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
+            .collect();
+        // The token call is made by `sign::EcrTokenSource`.
+        ops.push("GetAuthorizationToken");
+        ops.sort();
+        ops.dedup();
+        // Registry GETs (warm, check --pull) need ecr:BatchGetImage, which the policy also grants.
+        assert!(ops.len() >= 14, "found only {ops:?}");
+        let policy: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/iam/ecr-admin-policy.json")).unwrap();
+        let allowed: Vec<String> = policy["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| match &s["Action"] {
+                serde_json::Value::String(a) => vec![a.clone()],
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+                _ => vec![],
+            })
+            .collect();
+        for op in ops {
+            assert!(
+                allowed.contains(&format!("ecr:{op}")),
+                "docs/iam/ecr-admin-policy.json does not allow ecr:{op}"
+            );
+        }
+    }
+}
