@@ -447,4 +447,104 @@ FAIL  registry policy arn:x  not granted: ecr:CreateRepository on y
 ";
         assert_eq!(render(&checks), want);
     }
+
+    mod mocked {
+        //! `run` against aws-smithy-mocks: the credential validation and policy calls moto lacks.
+        use super::*;
+        use aws_sdk_ecr::operation::describe_pull_through_cache_rules::DescribePullThroughCacheRulesOutput;
+        use aws_sdk_ecr::operation::describe_repository_creation_templates::DescribeRepositoryCreationTemplatesOutput;
+        use aws_sdk_ecr::operation::get_authorization_token::GetAuthorizationTokenOutput;
+        use aws_sdk_ecr::operation::get_registry_policy::GetRegistryPolicyOutput;
+        use aws_sdk_ecr::operation::validate_pull_through_cache_rule::ValidatePullThroughCacheRuleOutput;
+        use aws_sdk_ecr::types::{AuthorizationData, PullThroughCacheRule};
+        use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
+
+        #[tokio::test]
+        async fn validates_credentials_and_checks_the_policy() {
+            let d = desired();
+            let rules: Vec<PullThroughCacheRule> = d
+                .rules
+                .iter()
+                .map(|r| {
+                    PullThroughCacheRule::builder()
+                        .ecr_repository_prefix(&r.prefix)
+                        .upstream_registry_url(&r.upstream_url)
+                        .set_credential_arn(r.credential_arn.clone())
+                        .build()
+                })
+                .collect();
+            let policy = policy::merge(None, d.node_statement.as_ref().unwrap())
+                .unwrap()
+                .policy;
+            let mocks: Vec<Rule> = vec![
+                mock!(Client::get_authorization_token).then_output(|| {
+                    GetAuthorizationTokenOutput::builder()
+                        .authorization_data(
+                            AuthorizationData::builder()
+                                .authorization_token("QVdTOnNlY3JldA==")
+                                .proxy_endpoint(
+                                    "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+                                )
+                                .build(),
+                        )
+                        .build()
+                }),
+                mock!(Client::describe_pull_through_cache_rules).then_output(move || {
+                    DescribePullThroughCacheRulesOutput::builder()
+                        .set_pull_through_cache_rules(Some(rules.clone()))
+                        .build()
+                }),
+                mock!(Client::validate_pull_through_cache_rule)
+                    .match_requests(|r| r.ecr_repository_prefix() == Some("docker-hub"))
+                    .then_output(|| {
+                        ValidatePullThroughCacheRuleOutput::builder()
+                            .is_valid(true)
+                            .build()
+                    }),
+                mock!(Client::validate_pull_through_cache_rule)
+                    .match_requests(|r| r.ecr_repository_prefix() == Some("github"))
+                    .then_output(|| {
+                        ValidatePullThroughCacheRuleOutput::builder()
+                            .is_valid(false)
+                            .failure("401 Unauthorized from ghcr.io")
+                            .build()
+                    }),
+                mock!(Client::describe_repository_creation_templates)
+                    .then_output(|| DescribeRepositoryCreationTemplatesOutput::builder().build()),
+                mock!(Client::get_registry_policy).then_output(move || {
+                    GetRegistryPolicyOutput::builder()
+                        .policy_text(&policy)
+                        .build()
+                }),
+            ];
+            let refs: Vec<&Rule> = mocks.iter().collect();
+            let client = mock_client!(aws_sdk_ecr, RuleMode::MatchAny, refs);
+            let checks = run(&st::config(), &client, Some("eu-west-1"), None, &[]).await;
+            let got: Vec<(&str, Status)> =
+                checks.iter().map(|c| (c.name.as_str(), c.status)).collect();
+            assert_eq!(
+                got,
+                [
+                    ("token", Status::Pass),
+                    ("rule docker-hub", Status::Pass),
+                    ("rule github", Status::Pass),
+                    ("rule quay", Status::Pass),
+                    ("rule gcr", Status::Warn),
+                    ("credential docker-hub", Status::Pass),
+                    ("credential github", Status::Fail),
+                    ("template docker-hub", Status::Warn),
+                    ("template github", Status::Warn),
+                    ("template quay", Status::Warn),
+                    (
+                        "registry policy arn:aws:iam::123456789012:role/eks-nodes",
+                        Status::Pass
+                    ),
+                ]
+            );
+            assert_eq!(
+                checks[6].detail,
+                "ValidatePullThroughCacheRule: 401 Unauthorized from ghcr.io"
+            );
+        }
+    }
 }

@@ -128,7 +128,10 @@ pub async fn run(
     // Installed before any slow call, so Ctrl-C during cleanup never kills a delete midway.
     let stop = CancellationToken::new();
     if matches!(command, EcrCommand::Cleanup { apply: true, .. }) {
-        let signal = crate::signal::shutdown()?;
+        let signal = crate::signal::shutdown().map_err(|e| EcrOpsError::Api {
+            op: "signal handlers",
+            message: e.to_string(),
+        })?;
         let trigger = stop.clone();
         tokio::spawn(async move {
             signal.await;

@@ -118,6 +118,24 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
             continue;
         };
         let credential_arn = setup.credentials.get(registry).cloned();
+        // Config load checked this against `ecr.region`/`ecr.account` when set; the region
+        // may also come from the environment, so check again against the real target.
+        if let Some((region, account)) = credential_arn
+            .as_deref()
+            .and_then(|arn| super::settings::parse_secret_arn(arn).ok())
+            && (region != target.region
+                || (!target.account.is_empty() && account != target.account))
+        {
+            missing.push((
+                upstream.prefix.clone(),
+                format!(
+                    "ecr_setup.credentials.\"{registry}\": the secret is in {region}/{account}, \
+                     but the rule would be in {}/{}: ECR reads secrets only from the rule's \
+                     account and region",
+                    target.region, target.account
+                ),
+            ));
+        }
         if kind.needs_credential && credential_arn.is_none() {
             missing.push((
                 upstream.prefix.clone(),
@@ -693,6 +711,20 @@ custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
             with(|o| o.templates[0].applied_for = vec![APPLIED_FOR.into(), "REPLICATION".into()]);
         let p = plan(&want(), &o).unwrap();
         assert!(!p.has_changes());
+    }
+
+    #[test]
+    fn a_secret_in_another_region_than_the_target_is_a_usage_error() {
+        let other = Target {
+            region: "us-east-1".into(),
+            account: "123456789012".into(),
+        };
+        let e = desired(&config(), &other).unwrap_err();
+        assert!(e.is_usage());
+        assert!(
+            e.to_string().contains("ecr_setup.credentials.\"docker.io\": the secret is in eu-west-1/123456789012, but the rule would be in us-east-1/123456789012"),
+            "{e}"
+        );
     }
 
     #[test]
