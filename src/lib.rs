@@ -19,7 +19,7 @@
 //! [`accesslog`] for the per-request log line. Around it: [`config`] (raw TOML → validated
 //! [`config::Config`]), [`server`] (accept loop with graceful drain), [`ops`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`).
-//! [`reference`] parses and normalizes pod image references and decides their ECR rewrite (pure,
+//! [`reference`](mod@reference) parses and normalizes pod image references and decides their ECR rewrite (pure,
 //! on top of [`map`]), for the webhook and `pullthrough rewrite`.
 //! [`ecr_ops`] is `pullthrough ecr`: set up, check, warm and clean up the account's pull-through
 //! cache (plans computed by pure functions, AWS calls behind a thin boundary).
