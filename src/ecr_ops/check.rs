@@ -206,12 +206,13 @@ pub fn render(checks: &[Check]) -> String {
     out
 }
 
-/// Gathers every check. `pulls` are images whose manifest is fetched by tag through ECR.
+/// Gathers every check. `pulls` are images whose manifest is fetched by tag through ECR with
+/// `fetcher` (or the reason there is none).
 pub async fn run(
     config: &Config,
     client: &Client,
     region: Option<&str>,
-    fetcher: Option<&Fetcher>,
+    fetcher: Result<&Fetcher, &String>,
     pulls: &[String],
 ) -> Vec<Check> {
     let mut out = Vec::new();
@@ -309,8 +310,8 @@ pub async fn run(
         let name = format!("pull {image}");
         let res = match (fetcher, target_or(config, image)) {
             (_, Err(e)) => Err(e),
-            (None, _) => Err("no registry endpoint".to_owned()),
-            (Some(f), Ok(t)) => f
+            (Err(e), _) => Err(e.clone()),
+            (Ok(f), Ok(t)) => f
                 .manifest(&t.repository, &t.tag)
                 .await
                 .map(|m| (t, m))
@@ -519,7 +520,14 @@ FAIL  registry policy arn:x  not granted: ecr:CreateRepository on y
             ];
             let refs: Vec<&Rule> = mocks.iter().collect();
             let client = mock_client!(aws_sdk_ecr, RuleMode::MatchAny, refs);
-            let checks = run(&st::config(), &client, Some("eu-west-1"), None, &[]).await;
+            let checks = run(
+                &st::config(),
+                &client,
+                Some("eu-west-1"),
+                Err(&"unused".to_owned()),
+                &[],
+            )
+            .await;
             let got: Vec<(&str, Status)> =
                 checks.iter().map(|c| (c.name.as_str(), c.status)).collect();
             assert_eq!(

@@ -147,7 +147,7 @@ pub async fn run(
             run_setup(&config, &client, &target, apply, out).await
         }
         EcrCommand::Check { pull, .. } => {
-            let fetcher = fetcher(&config, &client, region.as_deref()).ok();
+            let fetcher = fetcher(&config, &client, region.as_deref()).map_err(|e| e.to_string());
             let checks =
                 check::run(&config, &client, region.as_deref(), fetcher.as_ref(), &pull).await;
             out.write_all(check::render(&checks).as_bytes())?;
