@@ -195,12 +195,21 @@ pub async fn registry_policy(client: &Client) -> Result<Option<String>, EcrOpsEr
     }
 }
 
-/// Reads everything setup manages.
-pub async fn observe(client: &Client) -> Result<super::setup::Observed, EcrOpsError> {
+/// Reads everything setup manages. The registry policy is read only when setup manages a
+/// statement in it (`with_policy`), so an admin without `ecr:GetRegistryPolicy` can still set
+/// up rules and templates.
+pub async fn observe(
+    client: &Client,
+    with_policy: bool,
+) -> Result<super::setup::Observed, EcrOpsError> {
     Ok(super::setup::Observed {
         rules: rules(client).await?,
         templates: templates(client).await?,
-        registry_policy: registry_policy(client).await?,
+        registry_policy: if with_policy {
+            registry_policy(client).await?
+        } else {
+            None
+        },
     })
 }
 
@@ -759,6 +768,31 @@ mod tests {
             "DescribePullThroughCacheRules: access denied: the caller needs \
              ecr:DescribePullThroughCacheRules (docs/iam/ecr-admin-policy.json lists all): \
              User: arn:aws:iam::123456789012:user/bob is not authorized"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_node_roles_the_registry_policy_is_never_read() {
+        let state = Arc::new(Mutex::new(FakeAccount::default()));
+        // Only the rule and template fakes: a GetRegistryPolicy call would find no mock.
+        let mocks: Vec<Rule> = fake_rules(&state).into_iter().take(6).collect();
+        let client = client(&mocks);
+        let config =
+            Config::from_toml_str("[upstreams.\"quay.io\"]\nprefix = \"quay\"\n", "t.toml")
+                .unwrap();
+        let mut out = Vec::new();
+        let ok = run_setup(&config, &client, &st::target(), true, &mut out)
+            .await
+            .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(ok, "{out}");
+        assert!(out.contains("- registry-policy"), "{out}");
+        assert_eq!(
+            state.lock().unwrap().writes,
+            [
+                "CreatePullThroughCacheRule quay",
+                "CreateRepositoryCreationTemplate quay"
+            ]
         );
     }
 

@@ -243,7 +243,7 @@ pub async fn run_setup(
     out: &mut (dyn Write + Send),
 ) -> Result<bool, EcrOpsError> {
     let desired = setup::desired(config, target)?;
-    let observed = aws::observe(client).await?;
+    let observed = aws::observe(client, desired.node_statement.is_some()).await?;
     let plan = setup::plan(&desired, &observed).map_err(|e| EcrOpsError::Api {
         op: "GetRegistryPolicy",
         message: e.to_string(),
