@@ -443,3 +443,91 @@ fn a_secret_without_the_required_name_prefix_exits_64_naming_the_line() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
+    let moto = Moto::start().await;
+    let client = moto_client(&moto);
+    const N: usize = 300;
+    for i in 0..N {
+        client
+            .create_repository()
+            .repository_name(format!("docker-hub/img-{i:03}"))
+            .send()
+            .await
+            .expect("create repository");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    let child = Command::new(pullthrough_bin())
+        .args([
+            "ecr",
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("AWS_ENDPOINT_URL_ECR", moto.endpoint())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt as soon as the deleting has started.
+    crate::support::eventually("the first repository deleted", || {
+        let remaining = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(repository_names(&client))
+        });
+        (remaining.len() < N).then_some(())
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    let untouched: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("  not deleted (interrupted): "))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !untouched.is_empty(),
+        "the interrupt came too late to test anything:\n{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Deleted {} of {N} repositories.",
+            N - untouched.len()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Interrupted: {} repositories were not touched:",
+            untouched.len()
+        )),
+        "{text}"
+    );
+    // Exactly the ones reported untouched are still there; every other one is gone.
+    let mut remaining = repository_names(&client).await;
+    remaining.retain(|n| n.starts_with("docker-hub/"));
+    let mut untouched = untouched;
+    untouched.sort();
+    assert_eq!(remaining, untouched);
+}
