@@ -74,6 +74,8 @@ pub struct RawConfig {
     manifest_cache: RawManifestCache,
     #[serde(default)]
     webhook: crate::webhook::config::RawWebhook,
+    #[serde(default)]
+    ecr_setup: crate::ecr_ops::settings::RawEcrSetup,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +127,8 @@ pub struct Config {
     pub manifest_cache_bytes: u64,
     /// `[webhook]`: the admission webhook and `pullthrough rewrite`.
     pub webhook: crate::webhook::config::WebhookConfig,
+    /// `[ecr_setup]`: what `pullthrough ecr setup` creates besides the rules.
+    pub ecr_setup: crate::ecr_ops::settings::EcrSetup,
 }
 
 /// `[ecr]`: every field may be discovered at run time instead.
@@ -415,6 +419,13 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             .unwrap_or(64 * 1024 * 1024);
 
         let webhook = crate::webhook::config::validate(&raw.webhook, at)?;
+        let ecr_setup = crate::ecr_ops::settings::EcrSetup::validate(
+            &raw.ecr_setup,
+            &upstreams,
+            ecr.region.as_deref(),
+            ecr.account.as_deref(),
+        )
+        .map_err(|e| at.err(&e.span, &e.key, e.message))?;
 
         Ok(Config {
             listen,
@@ -425,6 +436,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             timeouts,
             manifest_cache_bytes,
             webhook,
+            ecr_setup,
         })
     }
 }

@@ -24,12 +24,15 @@
 //! [`reference`](mod@reference) parses and normalizes pod image references and decides their ECR
 //! rewrite (pure, on top of [`map`]); [`webhook`] is the optional admission webhook and
 //! `pullthrough rewrite` built on it.
+//! [`ecr_ops`] is `pullthrough ecr`: set up, check, warm and clean up the account's pull-through
+//! cache (plans computed by pure functions, AWS calls behind a thin boundary).
 //! `main.rs` is only the command line.
 
 pub mod accesslog;
 pub mod cache;
 pub mod config;
 pub mod containerd_config;
+pub mod ecr_ops;
 pub mod forward;
 pub mod hosts;
 pub mod map;

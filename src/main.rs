@@ -98,6 +98,11 @@ enum Command {
         #[arg(long, env = "PULLTHROUGH_CONFIG")]
         config: PathBuf,
     },
+    /// Set up, check, warm and clean up the account's ECR pull-through cache.
+    Ecr {
+        #[command(subcommand)]
+        command: pullthrough::ecr_ops::cli::EcrCommand,
+    },
     /// Run the mutating admission webhook (HTTPS `/mutate`, plus probes and metrics) until SIGTERM.
     Webhook {
         /// Config file (TOML).
@@ -150,6 +155,7 @@ fn main() -> ExitCode {
         | Command::Webhook { config }
         | Command::Rewrite { config, .. } => config.clone(),
         Command::Hosts { config, .. } => config.clone().unwrap_or_default(),
+        Command::Ecr { command } => command.config().to_owned(),
     };
     let config = match Config::load(&config_path) {
         Ok(c) => c,
@@ -177,6 +183,7 @@ fn main() -> ExitCode {
                 remove,
             },
         ),
+        Command::Ecr { command } => return run_ecr(config, command),
         Command::CheckConfig { .. } => {
             println!(
                 "{}: ok ({} upstreams)",
@@ -360,4 +367,33 @@ fn run_rewrite(config: &Config, output: Output, images: &[String]) -> anyhow::Re
         Output::Json => print!("{}", explain::render_json(&rows)),
     }
     Ok(true)
+}
+
+/// `pullthrough ecr …`: 0 when everything passed, 1 when something failed, 64 for usage.
+fn run_ecr(config: Config, command: pullthrough::ecr_ops::cli::EcrCommand) -> ExitCode {
+    // One crypto provider for every TLS client in the process (ours and the AWS SDK's).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pullthrough: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    match runtime.block_on(pullthrough::ecr_ops::cli::run(config, command, &mut out)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("pullthrough: {e}");
+            if e.is_usage() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }

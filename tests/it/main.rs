@@ -12,6 +12,7 @@
 
 mod cli;
 mod e2e;
+mod ecr;
 mod harness;
 mod manifests;
 mod node;

@@ -1,0 +1,298 @@
+//! The `pullthrough ecr` subcommands and their runner. `main.rs` parses them, loads the config
+//! (exit 64 on errors), and calls [`run`] on a runtime; everything the commands print goes to
+//! the writer it is given, progress bars to stderr only when it is a terminal.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aws_sdk_ecr::Client;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use super::setup::{Action, Target};
+use super::{EcrOpsError, aws, check, cleanup, setup, warm};
+use crate::config::Config;
+use crate::forward::Forwarder;
+use crate::metrics::Metrics;
+use crate::sign::{EcrTokenSource, TokenCache};
+
+/// `pullthrough ecr …`.
+#[derive(Subcommand, Debug)]
+pub enum EcrCommand {
+    /// Create or update the pull-through cache rules, repository creation templates and registry
+    /// policy the config asks for. Prints the plan; changes nothing without --apply.
+    Setup {
+        /// Config file (TOML).
+        #[arg(long, env = "PULLTHROUGH_CONFIG")]
+        config: PathBuf,
+        /// Make the changes (default: only print the plan).
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Health report: rules, credentials, templates, registry policy, token, and optional pulls.
+    /// Exits 1 when any check fails.
+    Check {
+        /// Config file (TOML).
+        #[arg(long, env = "PULLTHROUGH_CONFIG")]
+        config: PathBuf,
+        /// Also fetch this image's manifest by tag through ECR and report the time to first
+        /// byte (repeatable, e.g. one small image per upstream).
+        #[arg(long = "pull", value_name = "IMAGE")]
+        pull: Vec<String>,
+    },
+    /// Fetch images' manifests by tag through ECR (and every platform manifest of an index), so
+    /// that ECR caches them before a digest-pinned pod needs them.
+    Warm {
+        /// Config file (TOML).
+        #[arg(long, env = "PULLTHROUGH_CONFIG")]
+        config: PathBuf,
+        /// A file with one image a line (`#` comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Images fetched at once.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        concurrency: u16,
+        /// Images, e.g. `alpine:3.19` or `quay.io/prometheus/node-exporter:v1.8.2`.
+        images: Vec<String>,
+    },
+    /// List the repositories under a pull-through prefix with image count and size; delete
+    /// them (with their images) only with --apply.
+    Cleanup {
+        /// Config file (TOML).
+        #[arg(long, env = "PULLTHROUGH_CONFIG")]
+        config: PathBuf,
+        /// The repository prefix, e.g. `docker-hub` or `docker-hub/library`.
+        #[arg(long)]
+        prefix: String,
+        /// Delete them (default: only list).
+        #[arg(long)]
+        apply: bool,
+        /// Allow a prefix that is not (under) a configured pull-through prefix.
+        #[arg(long)]
+        any_prefix: bool,
+    },
+}
+
+impl EcrCommand {
+    /// The config file the command reads.
+    pub fn config(&self) -> &Path {
+        match self {
+            EcrCommand::Setup { config, .. }
+            | EcrCommand::Check { config, .. }
+            | EcrCommand::Warm { config, .. }
+            | EcrCommand::Cleanup { config, .. } => config,
+        }
+    }
+}
+
+/// The registry's region (config or SDK chain) and account (`ecr.account` or `DescribeRegistry`).
+pub async fn resolve_target(
+    config: &Config,
+    client: &Client,
+    region: Option<&str>,
+) -> Result<Target, EcrOpsError> {
+    let region = region.ok_or_else(|| {
+        EcrOpsError::Usage(
+            "no AWS region: set ecr.region in the config or AWS_REGION in the environment".into(),
+        )
+    })?;
+    let account = match &config.ecr.account {
+        Some(a) => a.clone(),
+        None => aws::registry_id(client).await?,
+    };
+    Ok(Target {
+        region: region.to_owned(),
+        account,
+    })
+}
+
+fn progress(len: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Runs one `ecr` command. `Ok(false)` means it ran but something failed (exit 1).
+pub async fn run(
+    config: Config,
+    command: EcrCommand,
+    out: &mut (dyn Write + Send),
+) -> Result<bool, EcrOpsError> {
+    // Installed before any slow call, so Ctrl-C during cleanup never kills a delete midway.
+    let stop = CancellationToken::new();
+    if matches!(command, EcrCommand::Cleanup { apply: true, .. }) {
+        let signal = crate::signal::shutdown().map_err(|e| EcrOpsError::Api {
+            op: "signal handlers",
+            message: e.to_string(),
+        })?;
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            signal.await;
+            trigger.cancel();
+        });
+    }
+    let sdk = aws::sdk_config(&config).await;
+    let region = sdk.region().map(|r| r.to_string());
+    let client = Client::new(&sdk);
+    match command {
+        EcrCommand::Setup { apply, .. } => {
+            let target = resolve_target(&config, &client, region.as_deref()).await?;
+            run_setup(&config, &client, &target, apply, out).await
+        }
+        EcrCommand::Check { pull, .. } => {
+            let fetcher = fetcher(&config, &client, region.as_deref()).map_err(|e| e.to_string());
+            let checks =
+                check::run(&config, &client, region.as_deref(), fetcher.as_ref(), &pull).await;
+            out.write_all(check::render(&checks).as_bytes())?;
+            Ok(!checks.iter().any(|c| c.status == check::Status::Fail))
+        }
+        EcrCommand::Warm {
+            file,
+            concurrency,
+            mut images,
+            ..
+        } => {
+            if let Some(f) = file {
+                let text = std::fs::read_to_string(&f).map_err(|e| {
+                    EcrOpsError::Usage(format!("--file {}: cannot read: {e}", f.display()))
+                })?;
+                images.extend(warm::parse_images_file(&text));
+            }
+            if images.is_empty() {
+                return Err(EcrOpsError::Usage(
+                    "name at least one image, or --file with one image a line".into(),
+                ));
+            }
+            let fetcher = fetcher(&config, &client, region.as_deref())?;
+            let bar = progress(images.len() as u64);
+            let tick = bar.clone();
+            let results = warm::warm_all(
+                &fetcher,
+                &config,
+                &images,
+                usize::from(concurrency),
+                move || tick.inc(1),
+            )
+            .await;
+            bar.finish_and_clear();
+            out.write_all(warm::render(&results).as_bytes())?;
+            Ok(results.iter().all(|w| w.result.is_ok()))
+        }
+        EcrCommand::Cleanup {
+            prefix,
+            apply,
+            any_prefix,
+            ..
+        } => {
+            let prefix = cleanup::check_prefix(&config, &prefix, any_prefix)?;
+            let repos = cleanup::list(&client, &prefix).await?;
+            out.write_all(cleanup::render_list(&prefix, &repos).as_bytes())?;
+            if !apply {
+                writeln!(
+                    out,
+                    "Dry run: nothing deleted. Run again with --apply to delete these repositories and their images."
+                )?;
+                return Ok(true);
+            }
+            let bar = progress(repos.len() as u64);
+            let tick = bar.clone();
+            let deleted = cleanup::delete(&client, &repos, &stop, move |name| {
+                tick.set_message(name.to_owned());
+                tick.inc(1);
+            })
+            .await;
+            bar.finish_and_clear();
+            let interrupted = stop.is_cancelled() && !deleted.untouched.is_empty();
+            out.write_all(cleanup::render_deleted(&deleted, interrupted).as_bytes())?;
+            Ok(deleted.failed.is_empty() && deleted.untouched.is_empty())
+        }
+    }
+}
+
+/// The manifest fetcher for warm and `check --pull`: the mirror's client, token cache and
+/// registry URL.
+fn fetcher(
+    config: &Config,
+    client: &Client,
+    region: Option<&str>,
+) -> Result<warm::Fetcher, EcrOpsError> {
+    let forwarder = Forwarder::new(&config.timeouts, config.ecr.ca_file.as_deref())
+        .map_err(|e| EcrOpsError::Usage(e.to_string()))?;
+    let base =
+        crate::registry_base(&config.ecr, region).map_err(|e| EcrOpsError::Usage(e.to_string()))?;
+    let tokens = TokenCache::new(
+        Arc::new(EcrTokenSource::new(client.clone())),
+        Metrics::new().0,
+    );
+    Ok(warm::Fetcher::new(forwarder, tokens, base))
+}
+
+/// Setup: observe, plan, print, and apply with `apply`.
+pub async fn run_setup(
+    config: &Config,
+    client: &Client,
+    target: &Target,
+    apply: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<bool, EcrOpsError> {
+    let desired = setup::desired(config, target)?;
+    let observed = aws::observe(client, desired.node_statement.is_some()).await?;
+    let plan = setup::plan(&desired, &observed).map_err(|e| EcrOpsError::Api {
+        op: "GetRegistryPolicy",
+        message: e.to_string(),
+    })?;
+    out.write_all(setup::render(&plan).as_bytes())?;
+    if plan.count(Action::Conflict) > 0 {
+        writeln!(
+            out,
+            "Resolve the conflicts above first; nothing was changed."
+        )?;
+        return Ok(false);
+    }
+    if !apply {
+        if plan.has_changes() {
+            writeln!(
+                out,
+                "Dry run: nothing changed. Run again with --apply to make these changes."
+            )?;
+        } else {
+            writeln!(out, "Everything is as configured.")?;
+        }
+        return Ok(true);
+    }
+    let applied = aws::apply(client, &plan).await?;
+    let mut ok = true;
+    for a in applied
+        .iter()
+        .filter(|a| !matches!(a.step.op, setup::Op::None))
+    {
+        let verb = match a.step.action {
+            Action::Create => "created",
+            _ => "updated",
+        };
+        match &a.result {
+            Ok(()) => writeln!(out, "{verb} {} {}", a.step.kind, a.step.name)?,
+            Err(e) => {
+                ok = false;
+                writeln!(out, "FAILED {} {}: {e}", a.step.kind, a.step.name)?;
+            }
+        }
+    }
+    let changed = applied
+        .iter()
+        .filter(|a| !matches!(a.step.op, setup::Op::None) && a.result.is_ok())
+        .count();
+    writeln!(
+        out,
+        "Applied {changed} change(s){}.",
+        if ok { "" } else { "; some failed (above)" }
+    )?;
+    Ok(ok)
+}

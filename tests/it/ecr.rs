@@ -1,0 +1,533 @@
+//! `pullthrough ecr`: the real binary against moto (repositories, tokens) and docker-registry
+//! standing in for the ECR registry endpoint. The rule, template and policy APIs moto lacks are
+//! covered by aws-smithy-mocks in `src/ecr_ops`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use aws_sdk_ecr::config::{BehaviorVersion, Credentials, Region};
+
+use crate::support::image::Image;
+use crate::support::moto::Moto;
+use crate::support::pullthrough::TEST_TIMEOUTS;
+use crate::support::registry::Registry;
+use crate::support::{free_port, pullthrough_bin};
+
+/// Runs `pullthrough ecr <args>` with the ECR API pointed at `ecr_api` and no real identity.
+fn ecr(args: &[&str], ecr_api: &str) -> Output {
+    Command::new(pullthrough_bin())
+        .arg("ecr")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("AWS_ENDPOINT_URL_ECR", ecr_api)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        // Not a terminal here, so no progress bar: stdout is only the report.
+        .output()
+        .expect("run pullthrough ecr")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("pullthrough.toml");
+    std::fs::write(&path, text).expect("write config");
+    path.display().to_string()
+}
+
+/// An SDK client on moto, for arranging and inspecting repositories.
+fn moto_client(moto: &Moto) -> aws_sdk_ecr::Client {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let conf = aws_sdk_ecr::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(moto.endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .http_client(http)
+        .build();
+    aws_sdk_ecr::Client::from_conf(conf)
+}
+
+async fn repository_names(client: &aws_sdk_ecr::Client) -> Vec<String> {
+    let mut names: Vec<String> = client
+        .describe_repositories()
+        .send()
+        .await
+        .expect("describe repositories")
+        .repositories()
+        .iter()
+        .filter_map(|r| r.repository_name().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+const CLEANUP_CONFIG: &str = "[ecr]\nregion = \"us-east-1\"\naccount = \"123456789012\"\n\
+    [upstreams.\"docker.io\"]\nprefix = \"docker-hub\"\n[upstreams.\"quay.io\"]\nprefix = \"quay\"\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_lists_then_deletes_exactly_the_prefixed_repositories() {
+    let moto = Moto::start().await;
+    let client = moto_client(&moto);
+    // More than one page's worth (ECR pages at 100), plus neighbours that must survive: a
+    // sibling whose name merely starts with the prefix, and another upstream's.
+    const N: usize = 105;
+    for i in 0..N {
+        client
+            .create_repository()
+            .repository_name(format!("docker-hub/app-{i:03}"))
+            .send()
+            .await
+            .expect("create repository");
+    }
+    for name in ["docker-hubx/keep", "quay/org/keep"] {
+        client
+            .create_repository()
+            .repository_name(name)
+            .send()
+            .await
+            .expect("create repository");
+    }
+    let manifest = Image::small("cleanup").root;
+    client
+        .put_image()
+        .repository_name("docker-hub/app-000")
+        .image_manifest(String::from_utf8(manifest.bytes.to_vec()).unwrap())
+        .image_manifest_media_type(manifest.media_type)
+        .image_tag("1")
+        .send()
+        .await
+        .expect("put image");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+
+    // Without --apply: a listing, nothing deleted.
+    let out = ecr(
+        &["cleanup", "--config", &config, "--prefix", "docker-hub"],
+        &moto.endpoint(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("docker-hub/"))
+        .collect();
+    assert_eq!(rows.len(), N, "{text}");
+    assert!(
+        rows[0].starts_with("docker-hub/app-000") && rows[0].contains("  1  "),
+        "{}",
+        rows[0]
+    );
+    assert!(
+        text.contains(&format!("{N} repositories, 1 images,")),
+        "{text}"
+    );
+    assert!(text.contains("Dry run: nothing deleted."), "{text}");
+    assert_eq!(repository_names(&client).await.len(), N + 2);
+
+    // A prefix outside the configured ones needs --any-prefix.
+    let out = ecr(
+        &["cleanup", "--config", &config, "--prefix", "docker-hubx"],
+        &moto.endpoint(),
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--prefix \"docker-hubx\" is not one of the configured pull-through prefixes (docker-hub, quay); pass --any-prefix"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ecr(
+        &[
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hubx",
+            "--any-prefix",
+        ],
+        &moto.endpoint(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("docker-hubx/keep"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(repository_names(&client).await.len(), N + 2);
+
+    // With --apply: exactly the prefixed ones go.
+    let out = ecr(
+        &[
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ],
+        &moto.endpoint(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains(&format!("Deleted {N} of {N} repositories.")),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        repository_names(&client).await,
+        ["docker-hubx/keep", "quay/org/keep"]
+    );
+}
+
+/// docker-registry as the ECR registry endpoint, with moto's token as its password.
+async fn registry_config(dir: &Path, registry: &Registry, extra: &str) -> String {
+    write_config(
+        dir,
+        &format!(
+            "[ecr]\nregion = \"us-east-1\"\naccount = \"123456789012\"\nendpoint = \"{}\"\n{TEST_TIMEOUTS}\
+             [upstreams.\"docker.io\"]\nprefix = \"docker-hub\"\n[upstreams.\"quay.io\"]\nprefix = \"quay\"\n{extra}",
+            registry.base_url()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_gets_the_tag_and_every_platform_manifest_of_an_index() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let multi = Image::multi_arch("warm-multi");
+    let single = Image::small("warm-single");
+    registry
+        .push("docker-hub/library/warmme", "1.0", &multi)
+        .await;
+    registry.push("quay/org/single", "2", &single).await;
+    registry.clear_requests();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry_config(dir.path(), &registry, "").await;
+    let list = dir.path().join("images.txt");
+    std::fs::write(&list, "# from a file\nquay.io/org/single:2\n").unwrap();
+    let out = ecr(
+        &[
+            "warm",
+            "--config",
+            &config,
+            "--file",
+            &list.display().to_string(),
+            "warmme:1.0",
+        ],
+        &moto.endpoint(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("docker.io/library/warmme:1.0  docker-hub/library/warmme"),
+        "{text}"
+    );
+    assert!(text.contains("ok (index, 2 platform manifests)"), "{text}");
+    assert!(
+        text.contains("2 of 2 images warmed, 4 manifests fetched."),
+        "{text}"
+    );
+
+    // The registry saw the tag GETs, and each child manifest of the index by digest.
+    assert_eq!(
+        registry
+            .wait_for_request("GET", "/v2/docker-hub/library/warmme/manifests/1.0")
+            .await,
+        200
+    );
+    for m in &multi.manifests {
+        let path = format!("/v2/docker-hub/library/warmme/manifests/{}", m.digest());
+        assert_eq!(registry.wait_for_request("GET", &path).await, 200, "{path}");
+    }
+    assert_eq!(
+        registry
+            .wait_for_request("GET", "/v2/quay/org/single/manifests/2")
+            .await,
+        200
+    );
+    // Only manifests: warm never pulls a blob.
+    assert!(
+        registry.paths_seen().iter().all(|p| !p.contains("/blobs/")),
+        "{:?}",
+        registry.paths_seen()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_reports_failures_and_exits_1() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry_config(dir.path(), &registry, "").await;
+    let out = ecr(
+        &[
+            "warm",
+            "--config",
+            &config,
+            "alpine:missing",
+            "ghcr.io/org/app:1",
+        ],
+        &moto.endpoint(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "FAILED: ECR answered 404 Not Found for /v2/docker-hub/library/alpine/manifests/missing"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAILED: ghcr.io is not a configured upstream"),
+        "{text}"
+    );
+    assert!(text.contains("0 of 2 images warmed"), "{text}");
+
+    let out = ecr(&["warm", "--config", &config], &moto.endpoint());
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("name at least one image, or --file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_the_token_and_a_pull_and_fails_on_missing_rules() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    registry
+        .push("quay/org/small", "1", &Image::small("check"))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry_config(dir.path(), &registry, "").await;
+    let out = ecr(
+        &[
+            "check",
+            "--config",
+            &config,
+            "--pull",
+            "quay.io/org/small:1",
+        ],
+        &moto.endpoint(),
+    );
+    let text = stdout(&out);
+    // moto has no pull-through rules API, so the rule checks fail: exit 1.
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    let line = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line starting {start:?} in:\n{text}"))
+            .to_owned()
+    };
+    assert!(
+        line("pass  token").contains("GetAuthorizationToken answered"),
+        "{text}"
+    );
+    let pull = line("pass  pull quay.io/org/small:1");
+    assert!(
+        pull.contains("quay/org/small:1 answered application/vnd.oci.image.manifest.v1+json"),
+        "{pull}"
+    );
+    assert!(pull.contains("time to first byte"), "{pull}");
+    assert!(
+        line("FAIL  rules").contains("unexpected answer from the ECR API: HTTP 500"),
+        "{text}"
+    );
+    // docker.io takes a credential and the config has none.
+    assert!(
+        line("FAIL  credential docker-hub").contains("ecr_setup.credentials.\"docker.io\""),
+        "{text}"
+    );
+    assert!(
+        line("warn  registry policy").contains("no ecr_setup.node_role_arns"),
+        "{text}"
+    );
+    assert_eq!(
+        registry
+            .wait_for_request("GET", "/v2/quay/org/small/manifests/1")
+            .await,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_fails_the_token_line_when_the_api_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = ecr(&["check", "--config", &config], &dead);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL  token") && l.contains("GetAuthorizationToken failed")),
+        "{text}"
+    );
+}
+
+#[test]
+fn setup_without_a_required_credential_exits_64_before_calling_aws() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    // A dead API endpoint: the usage error must come first.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = ecr(&["setup", "--config", &config], &dead);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ecr_setup.credentials.\"docker.io\": Docker Hub pull-through rules need a Secrets Manager secret whose name starts with \"ecr-pullthroughcache/\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_secret_without_the_required_name_prefix_exits_64_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{CLEANUP_CONFIG}[ecr_setup.credentials]\n\"docker.io\" = \"arn:aws:secretsmanager:us-east-1:123456789012:secret:dockerhub-AbCdEf\"\n"
+        ),
+    );
+    let out = ecr(&["setup", "--config", &config], "http://127.0.0.1:9");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{config}:9: ecr_setup.credentials.\"docker.io\": \"arn:aws:secretsmanager:us-east-1:123456789012:secret:dockerhub-AbCdEf\" names the secret \"dockerhub-AbCdEf\": ECR only uses secrets whose name starts with \"ecr-pullthroughcache/\""
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
+    let moto = Moto::start().await;
+    let client = moto_client(&moto);
+    const N: usize = 300;
+    for i in 0..N {
+        client
+            .create_repository()
+            .repository_name(format!("docker-hub/img-{i:03}"))
+            .send()
+            .await
+            .expect("create repository");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    let child = Command::new(pullthrough_bin())
+        .args([
+            "ecr",
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("AWS_ENDPOINT_URL_ECR", moto.endpoint())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt as soon as the deleting has started.
+    crate::support::eventually("the first repository deleted", || {
+        let remaining = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(repository_names(&client))
+        });
+        (remaining.len() < N).then_some(())
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    let untouched: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("  not deleted (interrupted): "))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !untouched.is_empty(),
+        "the interrupt came too late to test anything:\n{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Deleted {} of {N} repositories.",
+            N - untouched.len()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Interrupted: {} repositories were not touched:",
+            untouched.len()
+        )),
+        "{text}"
+    );
+    // Exactly the ones reported untouched are still there; every other one is gone.
+    let mut remaining = repository_names(&client).await;
+    remaining.retain(|n| n.starts_with("docker-hub/"));
+    let mut untouched = untouched;
+    untouched.sort();
+    assert_eq!(remaining, untouched);
+}
