@@ -405,10 +405,30 @@ fn iam_examples_grant_the_node_role_what_it_needs() {
         actions(&registry),
         ["ecr:BatchImportUpstreamImage", "ecr:CreateRepository"]
     );
-    assert!(
-        registry["Statement"][0]["Principal"]["AWS"]
-            .as_str()
-            .unwrap()
-            .contains(":role/")
+    // The very statement `pullthrough ecr setup` writes (and later recognizes by its Sid) for
+    // the DaemonSet's prefixes; the identity policy covers the same repositories.
+    use pullthrough::ecr_ops::policy;
+    let config = pullthrough::config::Config::from_toml_str(
+        &std::fs::read_to_string(repo_root().join("daemonset/config.toml")).unwrap(),
+        "daemonset/config.toml",
+    )
+    .unwrap();
+    let resources: Vec<String> = config
+        .upstreams
+        .values()
+        .map(|u| policy::prefix_resource("REGION", "ACCOUNT_ID", &u.prefix))
+        .collect();
+    let want = policy::node_statement(
+        &["arn:aws:iam::ACCOUNT_ID:role/NODE_ROLE_NAME".to_string()],
+        &resources,
+    );
+    assert_eq!(
+        policy::normalize(&registry["Statement"][0]),
+        policy::normalize(&want)
+    );
+    let node = read("node-role-policy.json");
+    assert_eq!(
+        policy::normalize(&node["Statement"][1]["Resource"]),
+        policy::normalize(&serde_json::json!(resources))
     );
 }
