@@ -299,6 +299,31 @@ impl Locator<'_> {
             message: message.into(),
         }
     }
+
+    /// An `IP:port` value, or `default` when the key is absent. `example` goes into the error.
+    pub(crate) fn socket_addr(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+        example: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        match value {
+            None => default
+                .parse::<SocketAddr>()
+                .map_err(|e| self.err(&(0..0), key, e.to_string())),
+            Some(s) => s.get_ref().parse::<SocketAddr>().map_err(|_| {
+                self.err(
+                    &s.span(),
+                    key,
+                    format!(
+                        "{:?} is not an IP:port address, e.g. \"{example}\"",
+                        s.get_ref()
+                    ),
+                )
+            }),
+        }
+    }
 }
 
 /// The dotted key a parse error is about: serde names unknown and missing fields in backticks,
@@ -335,20 +360,8 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
     type Error = ConfigError;
 
     fn try_from((raw, at): (RawConfig, Locator<'a>)) -> Result<Config, ConfigError> {
-        let addr = |v: &Option<Spanned<String>>, key: &str, default: &str| match v {
-            None => default
-                .parse::<SocketAddr>()
-                .map_err(|e| at.err(&(0..0), key, e.to_string())),
-            Some(s) => s.get_ref().parse::<SocketAddr>().map_err(|_| {
-                at.err(
-                    &s.span(),
-                    key,
-                    format!(
-                        "{:?} is not an IP:port address, e.g. \"127.0.0.1:5050\"",
-                        s.get_ref()
-                    ),
-                )
-            }),
+        let addr = |v: &Option<Spanned<String>>, key: &str, default: &str| {
+            at.socket_addr(v, key, default, "127.0.0.1:5050")
         };
         let listen = addr(&raw.listen, "listen", DEFAULT_LISTEN)?;
         let ops_listen = addr(&raw.ops_listen, "ops_listen", DEFAULT_OPS_LISTEN)?;

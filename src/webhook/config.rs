@@ -114,20 +114,8 @@ pub struct WebhookConfig {
 
 /// Validates `[webhook]`.
 pub(crate) fn validate(raw: &RawWebhook, at: Locator<'_>) -> Result<WebhookConfig, ConfigError> {
-    let addr = |v: &Option<Spanned<String>>, key: &str, default: &str| match v {
-        None => default
-            .parse::<SocketAddr>()
-            .map_err(|e| at.err(&(0..0), key, e.to_string())),
-        Some(s) => s.get_ref().parse::<SocketAddr>().map_err(|_| {
-            at.err(
-                &s.span(),
-                key,
-                format!(
-                    "{:?} is not an IP:port address, e.g. \"0.0.0.0:8443\"",
-                    s.get_ref()
-                ),
-            )
-        }),
+    let addr = |v: &Option<Spanned<String>>, key: &str, default: &str| {
+        at.socket_addr(v, key, default, "0.0.0.0:8443")
     };
     let listen = addr(&raw.listen, "webhook.listen", DEFAULT_LISTEN)?;
     let ops_listen = addr(&raw.ops_listen, "webhook.ops_listen", DEFAULT_OPS_LISTEN)?;
