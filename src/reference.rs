@@ -449,9 +449,7 @@ pub enum Reason {
     TooLong(MapError),
     /// The rewritten name (ECR host, `/`, repository) would exceed the image-name limit that
     /// kubelet and containerd enforce, so the rewritten image could not be pulled.
-    #[error(
-        "rewritten name {0:?} would exceed the {MAX_NAME_LEN}-character limit on image names"
-    )]
+    #[error("rewritten name {0:?} would exceed the {MAX_NAME_LEN}-character limit on image names")]
     NameTooLong(String),
     /// The ECR repository would break ECR's repository-name rules (`__`, `--`, ...).
     #[error("ECR repository name {0:?} breaks ECR's naming rules")]
