@@ -595,7 +595,7 @@ fn the_manifests_config_is_valid_and_rewrites() {
 }
 
 #[tokio::test]
-async fn the_webhook_process_serves_skips_its_own_namespace_and_exits_0_on_sigterm() {
+async fn the_webhook_process_serves_skips_its_own_namespace_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path(), &[]);
     let (port, ops_port) = (free_port(), free_port());
@@ -646,10 +646,39 @@ async fn the_webhook_process_serves_skips_its_own_namespace_and_exits_0_on_sigte
         "{text}"
     );
 
+    // SIGTERM: /readyz turns 503 so the pod leaves the endpoints, but reviews are still
+    // answered until the API server stops dialing this pod (DRAIN_DELAY), then exit 0.
     child.sigterm();
+    let readyz = format!("http://127.0.0.1:{ops_port}/readyz");
+    let mut ready_status = StatusCode::OK;
+    for _ in 0..200 {
+        ready_status = crate::support::http::get(&readyz, &[])
+            .await
+            .unwrap()
+            .status();
+        if ready_status != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready_status, StatusCode::SERVICE_UNAVAILABLE);
+    let (tls, _) = connect(port, &dir.path().join("ca.crt"))
+        .await
+        .expect("still accepting while draining");
+    let mut conn = http_over(tls).await;
+    let review = fixture("deployment-pod.json");
+    let (status, body) = post(&mut conn, "/mutate", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    drop(conn);
     let status = child
         .wait_exit(std::time::Duration::from_secs(30))
         .await
         .expect("exits after SIGTERM");
     assert!(status.success(), "{status}: {}", child.stderr());
+    assert!(
+        connect(port, &dir.path().join("ca.crt")).await.is_err(),
+        "the listener is closed after exit"
+    );
 }
