@@ -86,8 +86,13 @@ pub fn ecr_registry(config: &Config, region: Option<&str>) -> Result<Registry, W
     let base = crate::registry_base(&config.ecr, region)
         .map_err(|_| WebhookError::NoRegistry)?
         .ok_or(WebhookError::NoRegistry)?;
+    // `:443` is dropped as the reference parser drops it, or images already on this registry
+    // would not be recognized as such.
     base.authority()
-        .and_then(|a| Registry::parse(a.as_str()))
+        .and_then(|a| {
+            let a = a.as_str();
+            Registry::parse(a.strip_suffix(":443").unwrap_or(a))
+        })
         .ok_or(WebhookError::NoRegistry)
 }
 
@@ -495,5 +500,43 @@ impl WebhookServer {
             server::serve(ops, Arc::new(self.ops), stop.cancelled_owned(), self.grace),
         );
         Ok(https_done && ops_done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::{Reason, Rewrite, rewrite_str};
+    use rstest::rstest;
+
+    const ECR: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+
+    fn config(ecr: &str) -> Config {
+        Config::from_toml_str(&format!("[ecr]\n{ecr}\n"), "test.toml").unwrap()
+    }
+
+    #[rstest]
+    #[case::account_and_region("account = \"123456789012\"\nregion = \"eu-west-1\"", ECR)]
+    #[case::endpoint(&format!("endpoint = \"https://{ECR}\""), ECR)]
+    #[case::endpoint_default_port(&format!("endpoint = \"https://{ECR}:443\""), ECR)]
+    #[case::endpoint_upper_default_port("endpoint = \"https://Reg.Example:443/\"", "reg.example")]
+    #[case::endpoint_other_port("endpoint = \"http://127.0.0.1:5000\"", "127.0.0.1:5000")]
+    fn the_own_registry(#[case] ecr: &str, #[case] want: &str) {
+        let config = config(ecr);
+        assert_eq!(ecr_registry(&config, None).unwrap().as_str(), want);
+        // An image on it, written with or without :443, is already rewritten.
+        let rules = rules(&config, None).unwrap();
+        if !want.contains(':') {
+            for image in [
+                format!("{want}/docker-hub/library/nginx:1"),
+                format!("{want}:443/docker-hub/library/nginx:1"),
+            ] {
+                assert_eq!(
+                    rewrite_str(&image, &rules),
+                    Rewrite::Unchanged(Reason::AlreadyRewritten),
+                    "{image}"
+                );
+            }
+        }
     }
 }
