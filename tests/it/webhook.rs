@@ -12,8 +12,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use pullthrough::config::Config;
-use pullthrough::webhook::WebhookServer;
 use pullthrough::webhook::mutate::{self, Policy};
+use pullthrough::webhook::{Webhook, WebhookMetrics, WebhookServer};
 use rstest::rstest;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -186,6 +186,134 @@ fn reinvocation_after_another_webhook_added_a_sidecar_keeps_earlier_originals() 
             "initContainers/proxy": "ghcr.io/acme/proxy:v2",
         })
     );
+}
+
+const DRY_RUN: &str = "mode = \"dry-run\"\n";
+
+/// Decides `review`, then decides it again with the patched pod as a reinvocation would.
+fn decide_twice(review: &Value, config: &str) -> (Value, Value) {
+    let policy = policy(config);
+    let (first, _) = mutate::admit(&serde_json::to_vec(review).unwrap(), &policy).unwrap();
+    let mut again = review.clone();
+    again["request"]["object"] = answer_applied(review, &first);
+    let (second, _) = mutate::admit(&serde_json::to_vec(&again).unwrap(), &policy).unwrap();
+    (first, second)
+}
+
+#[test]
+fn dry_run_reinvocation_gives_no_patch() {
+    let review = fixture("dry-run.json");
+    let (first, second) = decide_twice(&review, &format!("{CONFIG}{DRY_RUN}"));
+    assert!(first["response"].get("patch").is_some());
+    assert!(
+        second["response"].get("patch").is_none(),
+        "reinvocation re-added the same annotation: {second}"
+    );
+}
+
+#[test]
+fn dry_run_reinvocation_after_a_sidecar_was_added_updates_the_annotation() {
+    let review = fixture("dry-run.json");
+    let config = format!("{CONFIG}{DRY_RUN}");
+    let policy = policy(&config);
+    let (first, _) = mutate::admit(&serde_json::to_vec(&review).unwrap(), &policy).unwrap();
+    let mut again = review.clone();
+    again["request"]["object"] = answer_applied(&review, &first);
+    let containers = again["request"]["object"]["spec"]["containers"]
+        .as_array_mut()
+        .unwrap();
+    let mut sidecar = containers[0].clone();
+    sidecar["name"] = "mesh-proxy".into();
+    sidecar["image"] = "docker.io/istio/proxyv2:1.24.0".into();
+    containers.push(sidecar);
+    let (second, _) = mutate::admit(&serde_json::to_vec(&again).unwrap(), &policy).unwrap();
+    let pod = answer_applied(&again, &second);
+    let would: Value = serde_json::from_str(
+        pod["metadata"]["annotations"][mutate::DRY_RUN_ANNOTATION]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        would["containers/mesh-proxy"],
+        format!("{ECR}/docker-hub/istio/proxyv2:1.24.0")
+    );
+    // The images themselves are never changed in dry-run mode.
+    assert_eq!(
+        pod["spec"]["containers"],
+        again["request"]["object"]["spec"]["containers"]
+    );
+}
+
+#[test]
+fn enforce_reinvocation_gives_no_patch() {
+    let (_, second) = decide_twice(&fixture("deployment-pod.json"), CONFIG);
+    assert!(second["response"].get("patch").is_none(), "{second}");
+}
+
+#[test]
+fn dry_run_ephemeral_containers_get_warnings_not_a_patch() {
+    let review = fixture("ephemeral-container.json");
+    let (answer, m) = mutate::admit(
+        &serde_json::to_vec(&review).unwrap(),
+        &policy(&format!("{CONFIG}{DRY_RUN}")),
+    )
+    .unwrap();
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    assert_eq!(
+        answer["response"]["warnings"],
+        serde_json::json!([format!(
+            "pullthrough dry-run: would rewrite ephemeralContainers \"debugger-8x2kq\" to \
+             {ECR}/docker-hub/nicolaka/netshoot:v0.13"
+        )])
+    );
+    // Only the new container was looked at, not the one already running.
+    let names: Vec<&str> = m.images.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["debugger-8x2kq"]);
+}
+
+#[test]
+fn an_ephemeral_containers_update_without_old_object_is_skipped_with_a_warning() {
+    let mut review = fixture("ephemeral-container.json");
+    review["request"]
+        .as_object_mut()
+        .unwrap()
+        .remove("oldObject");
+    let (answer, m) =
+        mutate::admit(&serde_json::to_vec(&review).unwrap(), &policy(CONFIG)).unwrap();
+    assert_eq!(m.skipped.as_ref().map(|s| s.label()), Some("unreadable"));
+    assert!(m.images.is_empty());
+    assert_eq!(
+        answer_applied(&review, &answer),
+        review["request"]["object"]
+    );
+    let warning = answer["response"]["warnings"][0].as_str().unwrap();
+    assert!(warning.contains("without oldObject"), "{warning}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413() {
+    let (metrics, _) = WebhookMetrics::new();
+    let webhook = Webhook::new(policy(CONFIG), metrics.clone());
+    let big = Bytes::from(vec![b' '; 8 * 1024 * 1024 + 1]);
+    let req = Request::post("/mutate").body(Full::new(big)).unwrap();
+    let resp = webhook.handle(req).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let bad = metrics
+        .requests
+        .get_or_create(&pullthrough::webhook::RequestLabels {
+            outcome: "bad-request".into(),
+            skip: "-".into(),
+        })
+        .get();
+    assert_eq!(bad, 1);
+    // A body just under the limit is read (and, not being a review, refused with 400).
+    let mut under = vec![b' '; 8 * 1024 * 1024];
+    under[0] = b'{';
+    let req = Request::post("/mutate")
+        .body(Full::new(Bytes::from(under)))
+        .unwrap();
+    assert_eq!(webhook.handle(req).await.status(), StatusCode::BAD_REQUEST);
 }
 
 /// Edits the deployment pod fixture, then returns what the webhook decided.
