@@ -447,6 +447,10 @@ pub enum Reason {
     /// The ECR repository would exceed ECR's length limit.
     #[error("{0}")]
     TooLong(MapError),
+    /// The rewritten name (ECR host, `/`, repository) would exceed the image-name limit that
+    /// kubelet and containerd enforce, so the rewritten image could not be pulled.
+    #[error("rewritten name {0:?} would exceed the {MAX_NAME_LEN}-character limit on image names")]
+    NameTooLong(String),
     /// The ECR repository would break ECR's repository-name rules (`__`, `--`, ...).
     #[error("ECR repository name {0:?} breaks ECR's naming rules")]
     EcrName(String),
@@ -465,7 +469,7 @@ impl Reason {
             Reason::NotConfigured(_) => "not-configured",
             Reason::Excluded(_) => "excluded",
             Reason::Digest => "digest",
-            Reason::TooLong(_) => "too-long",
+            Reason::TooLong(_) | Reason::NameTooLong(_) => "too-long",
             Reason::EcrName(_) => "ecr-name",
         }
     }
@@ -509,6 +513,11 @@ pub fn rewrite(r: &Reference, rules: &Rules) -> Rewrite {
     };
     if !valid_ecr_repository(&repository) {
         return unchanged(Reason::EcrName(repository));
+    }
+    // ECR's own limit is on the repository alone; distribution's (which the kubelet and
+    // Reference::parse apply) is on host + "/" + repository, and is the one that bites.
+    if rules.ecr.as_str().len() + 1 + repository.len() > MAX_NAME_LEN {
+        return unchanged(Reason::NameTooLong(format!("{}/{repository}", rules.ecr)));
     }
     Rewrite::Rewritten(format!("{}/{repository}{}", rules.ecr, r.suffix()))
 }
@@ -719,9 +728,21 @@ mod tests {
     }
 
     /// `"=> X"`: rewritten to X (with `<ECR>` for the registry); otherwise a reason label.
+    /// Every rewritten reference must itself parse and be seen as already rewritten, or the
+    /// kubelet could not pull it and reinvocation would call it invalid.
     fn outcome(input: &str, policy: DigestRefs) -> String {
-        match rewrite_str(input, &rules(policy)) {
-            Rewrite::Rewritten(s) => format!("=> {}", s.replace(ECR, "<ECR>")),
+        let rules = rules(policy);
+        match rewrite_str(input, &rules) {
+            Rewrite::Rewritten(s) => {
+                let again = Reference::parse(&s)
+                    .unwrap_or_else(|e| panic!("{input:?} rewritten to unparsable {s:?}: {e}"));
+                assert_eq!(
+                    rewrite(&again, &rules),
+                    Rewrite::Unchanged(Reason::AlreadyRewritten),
+                    "{s:?}"
+                );
+                format!("=> {}", s.replace(ECR, "<ECR>"))
+            }
             Rewrite::Unchanged(r) => r.label().to_owned(),
         }
     }
@@ -789,8 +810,11 @@ mod tests {
     #[case::tag_digest_kept(&format!("nginx:1.27@{SHA}"), "digest")]
     #[case::ecr_double_underscore("docker.io/foo__bar/x", "ecr-name")]
     #[case::ecr_dash_run("quay.io/a--b/c", "ecr-name")]
-    #[case::ecr_length_limit_ok(&format!("ghcr.io/{}", "a".repeat(225)), &format!("=> <ECR>/{LONG_PREFIX}/{}:latest", "a".repeat(225)))]
-    #[case::ecr_length_limit_exceeded(&format!("ghcr.io/{}", "a".repeat(226)), "too-long")]
+    // 44 (ECR host) + 1 + 30 (prefix) + 1 + 179 = 255, distribution's limit on a name.
+    #[case::name_length_limit_ok(&format!("ghcr.io/{}", "a".repeat(179)), &format!("=> <ECR>/{LONG_PREFIX}/{}:latest", "a".repeat(179)))]
+    #[case::name_length_limit_exceeded(&format!("ghcr.io/{}", "a".repeat(180)), "too-long")]
+    #[case::name_length_limit_exceeded_nested(&format!("ghcr.io/{}/{}", "a".repeat(100), "b".repeat(100)), "too-long")]
+    #[case::ecr_repository_limit_exceeded(&format!("ghcr.io/{}", "a".repeat(226)), "too-long")]
     fn rewrites_with_digests_kept(#[case] input: &str, #[case] want: &str) {
         assert_eq!(outcome(input, DigestRefs::Keep), want, "{input:?}");
     }
@@ -801,6 +825,17 @@ mod tests {
     #[case::already_rewritten_digest(&format!("{ECR}/docker-hub/library/nginx@{SHA}"), "already-rewritten")]
     fn rewrites_with_digests_rewritten(#[case] input: &str, #[case] want: &str) {
         assert_eq!(outcome(input, DigestRefs::Rewrite), want, "{input:?}");
+    }
+
+    #[test]
+    fn a_rewrite_past_the_name_limit_names_the_full_name() {
+        let input = format!("ghcr.io/{}", "a".repeat(180));
+        let want = format!("{ECR}/{LONG_PREFIX}/{}", "a".repeat(180));
+        assert_eq!(want.len(), MAX_NAME_LEN + 1);
+        assert_eq!(
+            rewrite_str(&input, &rules(DigestRefs::Keep)),
+            Rewrite::Unchanged(Reason::NameTooLong(want))
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod tls;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,6 +46,13 @@ use crate::webhook::tls::{ReloadCounters, ReloadingCert, TlsError};
 /// Largest request body read. An `AdmissionReview` holds the pod twice (object and oldObject),
 /// and etcd stores objects up to 1.5 MiB.
 const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// After the shutdown signal, how long the webhook keeps answering on both listeners while
+/// `/readyz` says 503, before it stops accepting and drains. The API server keeps dialing a
+/// terminating pod until the endpoints controller and kube-proxy have caught up; closing at once
+/// would admit those pods unrewritten (`failurePolicy: Ignore`). The Deployment's
+/// `terminationGracePeriodSeconds` covers this plus `timeouts.shutdown`.
+pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
 
 /// Why the webhook (or `pullthrough rewrite`) cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +86,13 @@ pub fn ecr_registry(config: &Config, region: Option<&str>) -> Result<Registry, W
     let base = crate::registry_base(&config.ecr, region)
         .map_err(|_| WebhookError::NoRegistry)?
         .ok_or(WebhookError::NoRegistry)?;
+    // `:443` is dropped as the reference parser drops it, or images already on this registry
+    // would not be recognized as such.
     base.authority()
-        .and_then(|a| Registry::parse(a.as_str()))
+        .and_then(|a| {
+            let a = a.as_str();
+            Registry::parse(a.strip_suffix(":443").unwrap_or(a))
+        })
         .ok_or(WebhookError::NoRegistry)
 }
 
@@ -324,6 +337,7 @@ impl Handler for Webhook {
 #[derive(Debug, Clone)]
 pub struct WebhookOps {
     registry: Arc<MetricsRegistry>,
+    draining: Arc<AtomicBool>,
 }
 
 impl WebhookOps {
@@ -331,7 +345,13 @@ impl WebhookOps {
     pub fn new(registry: MetricsRegistry) -> Self {
         Self {
             registry: Arc::new(registry),
+            draining: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// From now on `/readyz` answers 503, so the pod leaves the Service's endpoints.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Answers one ops request.
@@ -341,6 +361,10 @@ impl WebhookOps {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            // Shutting down: out of the endpoints, though still answering for DRAIN_DELAY.
+            "/readyz" if self.draining.load(Ordering::Relaxed) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            }
             // The certificate was loaded before the listeners were bound, and a failed reload
             // keeps the previous one: once serving, the webhook can always answer.
             "/readyz" => text(StatusCode::OK, "ready\n"),
@@ -441,8 +465,9 @@ impl WebhookServer {
         })
     }
 
-    /// Serves HTTPS on `listener` and ops on `ops` until `shutdown` resolves, then drains both
-    /// for at most `timeouts.shutdown`. Returns whether the drain finished in time.
+    /// Serves HTTPS on `listener` and ops on `ops` until `shutdown` resolves; then `/readyz`
+    /// turns 503 while both keep serving for [`DRAIN_DELAY`], and then both drain for at most
+    /// `timeouts.shutdown`. Returns whether the drain finished in time.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -453,8 +478,15 @@ impl WebhookServer {
             tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(Arc::clone(&self.cert))?));
         let stop = CancellationToken::new();
         let trigger = stop.clone();
+        let ops_handler = self.ops.clone();
         tokio::spawn(async move {
             shutdown.await;
+            ops_handler.set_draining();
+            tracing::info!(
+                delay = ?DRAIN_DELAY,
+                "shutting down: /readyz now 503, still answering until endpoints catch up"
+            );
+            tokio::time::sleep(DRAIN_DELAY).await;
             trigger.cancel();
         });
         let (https_done, ops_done) = tokio::join!(
@@ -468,5 +500,43 @@ impl WebhookServer {
             server::serve(ops, Arc::new(self.ops), stop.cancelled_owned(), self.grace),
         );
         Ok(https_done && ops_done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::{Reason, Rewrite, rewrite_str};
+    use rstest::rstest;
+
+    const ECR: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+
+    fn config(ecr: &str) -> Config {
+        Config::from_toml_str(&format!("[ecr]\n{ecr}\n"), "test.toml").unwrap()
+    }
+
+    #[rstest]
+    #[case::account_and_region("account = \"123456789012\"\nregion = \"eu-west-1\"", ECR)]
+    #[case::endpoint(&format!("endpoint = \"https://{ECR}\""), ECR)]
+    #[case::endpoint_default_port(&format!("endpoint = \"https://{ECR}:443\""), ECR)]
+    #[case::endpoint_upper_default_port("endpoint = \"https://Reg.Example:443/\"", "reg.example")]
+    #[case::endpoint_other_port("endpoint = \"http://127.0.0.1:5000\"", "127.0.0.1:5000")]
+    fn the_own_registry(#[case] ecr: &str, #[case] want: &str) {
+        let config = config(ecr);
+        assert_eq!(ecr_registry(&config, None).unwrap().as_str(), want);
+        // An image on it, written with or without :443, is already rewritten.
+        let rules = rules(&config, None).unwrap();
+        if !want.contains(':') {
+            for image in [
+                format!("{want}/docker-hub/library/nginx:1"),
+                format!("{want}:443/docker-hub/library/nginx:1"),
+            ] {
+                assert_eq!(
+                    rewrite_str(&image, &rules),
+                    Rewrite::Unchanged(Reason::AlreadyRewritten),
+                    "{image}"
+                );
+            }
+        }
     }
 }

@@ -11,12 +11,14 @@
 //!   are init containers) and `spec.volumes[].image.reference` (image volumes);
 //! - `pods/ephemeralcontainers` UPDATE: `spec.ephemeralContainers[].image` of the entries that
 //!   are not in `oldObject`, and nothing else: the API server keeps only ephemeral-container
-//!   changes from that subresource, so an annotation would be silently dropped.
+//!   changes from that subresource, so an annotation would be silently dropped. Such an update
+//!   without `oldObject` is left alone with a warning: every entry would look new.
 //!
 //! In enforce mode a pod whose images change gets an annotation with the originals (JSON, keyed
 //! `containers/<name>`, `initContainers/<name>`, `volumes/<name>`, `ephemeralContainers/<name>`),
 //! merged with an existing one on reinvocation. In dry-run mode only [`DRY_RUN_ANNOTATION`] is
-//! added, with the rewrites that enforce mode would make (warnings for ephemeral containers).
+//! added, with the rewrites that enforce mode would make (warnings for ephemeral containers),
+//! and not again when it already holds them, so reinvocation settles with an empty patch.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -293,7 +295,20 @@ pub fn mutate(req: &AdmissionRequest<Pod>, policy: &Policy) -> Mutation {
     }
 
     let images = if ephemeral {
-        new_ephemeral_images(pod, req.old_object.as_ref(), &policy.rules)
+        // Without the old pod every ephemeral container would look new, and ones already
+        // running would be "rewritten" (the API server refuses changes to those anyway).
+        let Some(old) = req.old_object.as_ref() else {
+            return Mutation {
+                skipped: Some(Skip::Unreadable),
+                warnings: vec![
+                    "pullthrough webhook: ephemeral-containers update without oldObject, \
+                     pod left unchanged"
+                        .to_owned(),
+                ],
+                ..Mutation::default()
+            };
+        };
+        new_ephemeral_images(pod, old, &policy.rules)
     } else {
         pod_images(pod, &policy.rules)
     };
@@ -344,7 +359,11 @@ pub fn mutate(req: &AdmissionRequest<Pod>, policy: &Policy) -> Mutation {
                 .iter()
                 .map(|(img, to)| (img.key(), (*to).to_owned()))
                 .collect();
-            patch.push(annotate(pod, DRY_RUN_ANNOTATION, &would));
+            // On reinvocation the images are still the originals, so the same map comes out:
+            // an unchanged annotation means no patch (reinvocation must settle).
+            if existing_map(annotations, DRY_RUN_ANNOTATION) != would {
+                patch.push(annotate(pod, DRY_RUN_ANNOTATION, &would));
+            }
         }
         (Mode::DryRun, true) => {
             for (img, to) in &rewrites {
@@ -409,9 +428,10 @@ fn pod_images(pod: &Pod, rules: &Rules) -> Vec<Image> {
 }
 
 /// Ephemeral containers in `pod` whose names are not in `old`.
-fn new_ephemeral_images(pod: &Pod, old: Option<&Pod>, rules: &Rules) -> Vec<Image> {
+fn new_ephemeral_images(pod: &Pod, old: &Pod, rules: &Rules) -> Vec<Image> {
     let existing: BTreeSet<&str> = old
-        .and_then(|p| p.spec.as_ref())
+        .spec
+        .as_ref()
         .and_then(|s| s.ephemeral_containers.as_ref())
         .into_iter()
         .flatten()

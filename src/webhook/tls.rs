@@ -242,20 +242,25 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     let (tag, time, _) = tlv(rest)?;
     let text = std::str::from_utf8(time).ok()?;
     let digits = text.strip_suffix('Z')?;
+    // All ASCII digits first, so every slice below falls on a character boundary (a certificate
+    // is input: multibyte text here must give `None`, not a panic).
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let (year, rest) = match (tag, digits.len()) {
         // UTCTime: YY in 1950..=2049.
         (0x17, 12) => {
-            let yy: i64 = digits[..2].parse().ok()?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
+            let yy: i64 = digits.get(..2)?.parse().ok()?;
+            (
+                if yy >= 50 { 1900 + yy } else { 2000 + yy },
+                digits.get(2..)?,
+            )
         }
         // GeneralizedTime: YYYY.
-        (0x18, 14) => (digits[..4].parse().ok()?, &digits[4..]),
+        (0x18, 14) => (digits.get(..4)?.parse().ok()?, digits.get(4..)?),
         _ => return None,
     };
-    if !rest.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let field = |i: usize| rest[i..i + 2].parse::<i64>().ok();
+    let field = |i: usize| rest.get(i..i + 2)?.parse::<i64>().ok();
     let (month, day, h, m, sec) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
         return None;
@@ -323,5 +328,38 @@ mod tests {
     #[case::not_a_certificate(&[0x30, 0x03, 0x02, 0x01, 0x01])]
     fn not_after_of_garbage(#[case] der: &[u8]) {
         assert_eq!(not_after(der), None);
+    }
+
+    /// One DER element with a short-form length.
+    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag, u8::try_from(content.len()).unwrap()];
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// A certificate skeleton whose validity ends at `time` (tag 0x17 or 0x18).
+    fn cert_ending(tag: u8, time: &str) -> Vec<u8> {
+        let not_before = der(0x17, b"240101000000Z");
+        let validity = der(0x30, &[not_before, der(tag, time.as_bytes())].concat());
+        let serial = der(0x02, &[1]);
+        let (alg, issuer) = (der(0x30, &[]), der(0x30, &[]));
+        let tbs = der(0x30, &[serial, alg, issuer, validity].concat());
+        der(0x30, &tbs)
+    }
+
+    #[rstest]
+    #[case::utc_time(0x17, "491231235959Z", Some(2_524_607_999))]
+    #[case::generalized_time(0x18, "20491231235959Z", Some(2_524_607_999))]
+    // 12 and 14 bytes before the Z, with a two-byte character across the year's end.
+    #[case::utc_time_multibyte(0x17, "2é345678901Z", None)]
+    #[case::generalized_time_multibyte(0x18, "202é345678901Z", None)]
+    #[case::multibyte_later(0x18, "202401010000éZ", None)]
+    #[case::no_z(0x17, "491231235959", None)]
+    fn not_after_of_crafted_validity(
+        #[case] tag: u8,
+        #[case] time: &str,
+        #[case] want: Option<i64>,
+    ) {
+        assert_eq!(not_after(&cert_ending(tag, time)), want);
     }
 }

@@ -432,3 +432,167 @@ fn iam_examples_grant_the_node_role_what_it_needs() {
         policy::normalize(&serde_json::json!(resources))
     );
 }
+
+/// The one document of `kind` named `name`.
+fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn the_webhook_manifests_have_the_promised_properties() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    let docs = render("daemonset/webhook");
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(
+        object(&docs, "MutatingWebhookConfiguration", "pullthrough-webhook").clone(),
+    )
+    .unwrap();
+    let hooks = mwc.webhooks.unwrap();
+    assert_eq!(hooks.len(), 1);
+    let hook = &hooks[0];
+    assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
+    assert_eq!(hook.reinvocation_policy.as_deref(), Some("IfNeeded"));
+    assert_eq!(hook.side_effects, "None");
+    assert_eq!(hook.timeout_seconds, Some(5));
+    assert_eq!(hook.admission_review_versions, ["v1"]);
+    let svc = hook.client_config.service.as_ref().unwrap();
+    assert_eq!(
+        (
+            svc.name.as_str(),
+            svc.namespace.as_str(),
+            svc.path.as_deref()
+        ),
+        ("pullthrough-webhook", "pullthrough", Some("/mutate"))
+    );
+    let opt_in = LabelSelectorRequirement {
+        key: "pull-through-enabled".into(),
+        operator: "In".into(),
+        values: Some(vec!["true".into()]),
+    };
+    let selector = |h: &k8s_openapi::api::admissionregistration::v1::MutatingWebhook| {
+        h.namespace_selector
+            .as_ref()
+            .and_then(|s| s.match_expressions.clone())
+            .unwrap_or_default()
+    };
+    let expressions = selector(hook);
+    assert!(expressions.contains(&opt_in), "{expressions:?}");
+    let rules: Vec<(Vec<String>, Vec<String>)> = hook
+        .rules
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.api_groups.as_deref(), Some(&[String::new()][..]));
+            (r.operations.unwrap(), r.resources.unwrap())
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            (vec!["CREATE".to_string()], vec!["pods".to_string()]),
+            (
+                vec!["UPDATE".to_string()],
+                vec!["pods/ephemeralcontainers".to_string()]
+            ),
+        ]
+    );
+
+    let deployment: Deployment =
+        serde_json::from_value(object(&docs, "Deployment", "pullthrough-webhook").clone()).unwrap();
+    let spec = deployment.spec;
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.unwrap();
+    let anti = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .expect("pod anti-affinity");
+    let terms = anti
+        .preferred_during_scheduling_ignored_during_execution
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        terms
+            .iter()
+            .any(|t| t.pod_affinity_term.topology_key == "kubernetes.io/hostname"),
+        "replicas spread over nodes: {terms:?}"
+    );
+    // On SIGTERM: 5 s of answering with /readyz at 503 (DRAIN_DELAY), then up to
+    // timeouts.shutdown (20 s) of draining, all before the kill.
+    let grace = pod.termination_grace_period_seconds.unwrap();
+    assert!(grace > 5 + 20, "terminationGracePeriodSeconds {grace}");
+    let webhook = container(&pod, "webhook");
+    assert_eq!(
+        probe_target(webhook.readiness_probe.as_ref()),
+        ("/readyz".into(), "ops".into())
+    );
+    assert_eq!(
+        probe_target(webhook.liveness_probe.as_ref()),
+        ("/healthz".into(), "ops".into())
+    );
+    assert_locked_down(webhook);
+    let pdb: PodDisruptionBudget =
+        serde_json::from_value(object(&docs, "PodDisruptionBudget", "pullthrough-webhook").clone())
+            .unwrap();
+    let pdb = pdb.spec.unwrap();
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+    assert_eq!(
+        pdb.selector.unwrap().match_labels,
+        spec.selector.match_labels
+    );
+    let tls_secret = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|v| v.secret?.secret_name)
+        .expect("the TLS secret volume");
+
+    if !kustomize_has_components() {
+        eprintln!("kubectl's kustomize predates components: deploy/webhook-* not rendered");
+        return;
+    }
+    // cert-manager: the CA injector reads <namespace>/<Certificate> of the serving certificate,
+    // the one writing the Secret the Deployment mounts.
+    let cm = render("deploy/webhook-cert-manager");
+    let serving = cm
+        .iter()
+        .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == tls_secret.as_str())
+        .expect("a Certificate for the mounted Secret");
+    let want = format!(
+        "{}/{}",
+        serving["metadata"]["namespace"].as_str().unwrap(),
+        serving["metadata"]["name"].as_str().unwrap()
+    );
+    let annotation = |docs: &[Value]| {
+        object(docs, "MutatingWebhookConfiguration", "pullthrough-webhook")["metadata"]
+            ["annotations"]["cert-manager.io/inject-ca-from"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(annotation(&cm), Some(want.clone()));
+    assert_eq!(
+        object(&cm, "Service", "pullthrough-webhook")["metadata"]["namespace"],
+        serving["metadata"]["namespace"]
+    );
+
+    // Cluster-wide: the opt-in expression is gone, the opt-outs stay.
+    let wide = render("deploy/webhook-cluster-wide");
+    assert_eq!(annotation(&wide), Some(want));
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(
+        object(&wide, "MutatingWebhookConfiguration", "pullthrough-webhook").clone(),
+    )
+    .unwrap();
+    let wide_hook = &mwc.webhooks.unwrap()[0];
+    let wide_expressions = selector(wide_hook);
+    assert!(!wide_expressions.contains(&opt_in), "{wide_expressions:?}");
+    let rest: Vec<_> = expressions.into_iter().filter(|e| *e != opt_in).collect();
+    assert!(!rest.is_empty());
+    assert_eq!(wide_expressions, rest);
+}

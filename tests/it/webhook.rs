@@ -12,8 +12,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use pullthrough::config::Config;
-use pullthrough::webhook::WebhookServer;
 use pullthrough::webhook::mutate::{self, Policy};
+use pullthrough::webhook::{Webhook, WebhookMetrics, WebhookServer};
 use rstest::rstest;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -186,6 +186,134 @@ fn reinvocation_after_another_webhook_added_a_sidecar_keeps_earlier_originals() 
             "initContainers/proxy": "ghcr.io/acme/proxy:v2",
         })
     );
+}
+
+const DRY_RUN: &str = "mode = \"dry-run\"\n";
+
+/// Decides `review`, then decides it again with the patched pod as a reinvocation would.
+fn decide_twice(review: &Value, config: &str) -> (Value, Value) {
+    let policy = policy(config);
+    let (first, _) = mutate::admit(&serde_json::to_vec(review).unwrap(), &policy).unwrap();
+    let mut again = review.clone();
+    again["request"]["object"] = answer_applied(review, &first);
+    let (second, _) = mutate::admit(&serde_json::to_vec(&again).unwrap(), &policy).unwrap();
+    (first, second)
+}
+
+#[test]
+fn dry_run_reinvocation_gives_no_patch() {
+    let review = fixture("dry-run.json");
+    let (first, second) = decide_twice(&review, &format!("{CONFIG}{DRY_RUN}"));
+    assert!(first["response"].get("patch").is_some());
+    assert!(
+        second["response"].get("patch").is_none(),
+        "reinvocation re-added the same annotation: {second}"
+    );
+}
+
+#[test]
+fn dry_run_reinvocation_after_a_sidecar_was_added_updates_the_annotation() {
+    let review = fixture("dry-run.json");
+    let config = format!("{CONFIG}{DRY_RUN}");
+    let policy = policy(&config);
+    let (first, _) = mutate::admit(&serde_json::to_vec(&review).unwrap(), &policy).unwrap();
+    let mut again = review.clone();
+    again["request"]["object"] = answer_applied(&review, &first);
+    let containers = again["request"]["object"]["spec"]["containers"]
+        .as_array_mut()
+        .unwrap();
+    let mut sidecar = containers[0].clone();
+    sidecar["name"] = "mesh-proxy".into();
+    sidecar["image"] = "docker.io/istio/proxyv2:1.24.0".into();
+    containers.push(sidecar);
+    let (second, _) = mutate::admit(&serde_json::to_vec(&again).unwrap(), &policy).unwrap();
+    let pod = answer_applied(&again, &second);
+    let would: Value = serde_json::from_str(
+        pod["metadata"]["annotations"][mutate::DRY_RUN_ANNOTATION]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        would["containers/mesh-proxy"],
+        format!("{ECR}/docker-hub/istio/proxyv2:1.24.0")
+    );
+    // The images themselves are never changed in dry-run mode.
+    assert_eq!(
+        pod["spec"]["containers"],
+        again["request"]["object"]["spec"]["containers"]
+    );
+}
+
+#[test]
+fn enforce_reinvocation_gives_no_patch() {
+    let (_, second) = decide_twice(&fixture("deployment-pod.json"), CONFIG);
+    assert!(second["response"].get("patch").is_none(), "{second}");
+}
+
+#[test]
+fn dry_run_ephemeral_containers_get_warnings_not_a_patch() {
+    let review = fixture("ephemeral-container.json");
+    let (answer, m) = mutate::admit(
+        &serde_json::to_vec(&review).unwrap(),
+        &policy(&format!("{CONFIG}{DRY_RUN}")),
+    )
+    .unwrap();
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    assert_eq!(
+        answer["response"]["warnings"],
+        serde_json::json!([format!(
+            "pullthrough dry-run: would rewrite ephemeralContainers \"debugger-8x2kq\" to \
+             {ECR}/docker-hub/nicolaka/netshoot:v0.13"
+        )])
+    );
+    // Only the new container was looked at, not the one already running.
+    let names: Vec<&str> = m.images.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["debugger-8x2kq"]);
+}
+
+#[test]
+fn an_ephemeral_containers_update_without_old_object_is_skipped_with_a_warning() {
+    let mut review = fixture("ephemeral-container.json");
+    review["request"]
+        .as_object_mut()
+        .unwrap()
+        .remove("oldObject");
+    let (answer, m) =
+        mutate::admit(&serde_json::to_vec(&review).unwrap(), &policy(CONFIG)).unwrap();
+    assert_eq!(m.skipped.as_ref().map(|s| s.label()), Some("unreadable"));
+    assert!(m.images.is_empty());
+    assert_eq!(
+        answer_applied(&review, &answer),
+        review["request"]["object"]
+    );
+    let warning = answer["response"]["warnings"][0].as_str().unwrap();
+    assert!(warning.contains("without oldObject"), "{warning}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413() {
+    let (metrics, _) = WebhookMetrics::new();
+    let webhook = Webhook::new(policy(CONFIG), metrics.clone());
+    let big = Bytes::from(vec![b' '; 8 * 1024 * 1024 + 1]);
+    let req = Request::post("/mutate").body(Full::new(big)).unwrap();
+    let resp = webhook.handle(req).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let bad = metrics
+        .requests
+        .get_or_create(&pullthrough::webhook::RequestLabels {
+            outcome: "bad-request".into(),
+            skip: "-".into(),
+        })
+        .get();
+    assert_eq!(bad, 1);
+    // A body just under the limit is read (and, not being a review, refused with 400).
+    let mut under = vec![b' '; 8 * 1024 * 1024];
+    under[0] = b'{';
+    let req = Request::post("/mutate")
+        .body(Full::new(Bytes::from(under)))
+        .unwrap();
+    assert_eq!(webhook.handle(req).await.status(), StatusCode::BAD_REQUEST);
 }
 
 /// Edits the deployment pod fixture, then returns what the webhook decided.
@@ -595,7 +723,7 @@ fn the_manifests_config_is_valid_and_rewrites() {
 }
 
 #[tokio::test]
-async fn the_webhook_process_serves_skips_its_own_namespace_and_exits_0_on_sigterm() {
+async fn the_webhook_process_serves_skips_its_own_namespace_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path(), &[]);
     let (port, ops_port) = (free_port(), free_port());
@@ -646,10 +774,39 @@ async fn the_webhook_process_serves_skips_its_own_namespace_and_exits_0_on_sigte
         "{text}"
     );
 
+    // SIGTERM: /readyz turns 503 so the pod leaves the endpoints, but reviews are still
+    // answered until the API server stops dialing this pod (DRAIN_DELAY), then exit 0.
     child.sigterm();
+    let readyz = format!("http://127.0.0.1:{ops_port}/readyz");
+    let mut ready_status = StatusCode::OK;
+    for _ in 0..200 {
+        ready_status = crate::support::http::get(&readyz, &[])
+            .await
+            .unwrap()
+            .status();
+        if ready_status != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready_status, StatusCode::SERVICE_UNAVAILABLE);
+    let (tls, _) = connect(port, &dir.path().join("ca.crt"))
+        .await
+        .expect("still accepting while draining");
+    let mut conn = http_over(tls).await;
+    let review = fixture("deployment-pod.json");
+    let (status, body) = post(&mut conn, "/mutate", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    drop(conn);
     let status = child
         .wait_exit(std::time::Duration::from_secs(30))
         .await
         .expect("exits after SIGTERM");
     assert!(status.success(), "{status}: {}", child.stderr());
+    assert!(
+        connect(port, &dir.path().join("ca.crt")).await.is_err(),
+        "the listener is closed after exit"
+    );
 }
