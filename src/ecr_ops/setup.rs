@@ -105,8 +105,11 @@ pub fn desired(config: &Config, target: &Target) -> Result<Desired, EcrOpsError>
     }
 }
 
-/// The desired state, with rules whose required credential is missing left without one, and
-/// those problems as (prefix, message). `check` reports them and carries on.
+/// The desired state, with rules whose required credential is missing left without one (and
+/// templates without a lifecycle policy when its file cannot be read), and those problems as
+/// (check name, message). `check` reports them and carries on.
+///
+/// This reads `lifecycle_policy_file`, and only here: the mirror never needs it.
 pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String, String)>) {
     let setup = &config.ecr_setup;
     let mut rules = Vec::new();
@@ -127,7 +130,7 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
                 || (!target.account.is_empty() && account != target.account))
         {
             missing.push((
-                upstream.prefix.clone(),
+                format!("credential {}", upstream.prefix),
                 format!(
                     "ecr_setup.credentials.\"{registry}\": the secret is in {region}/{account}, \
                      but the rule would be in {}/{}: ECR reads secrets only from the rule's \
@@ -138,7 +141,7 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
         }
         if kind.needs_credential && credential_arn.is_none() {
             missing.push((
-                upstream.prefix.clone(),
+                format!("credential {}", upstream.prefix),
                 format!(
                     "ecr_setup.credentials.\"{registry}\": {} pull-through rules need a Secrets \
                      Manager secret whose name starts with \"{SECRET_NAME_PREFIX}\"; set its ARN",
@@ -153,6 +156,10 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
         });
     }
     let t = &setup.template;
+    let lifecycle_policy = t.lifecycle_policy.load().unwrap_or_else(|message| {
+        missing.push(("template lifecycle policy".to_owned(), message));
+        None
+    });
     let templates = rules
         .iter()
         .map(|r| TemplateSpec {
@@ -161,7 +168,7 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
             tag_mutability: t.tag_mutability.as_api().to_owned(),
             encryption_type: t.encryption.as_api().to_owned(),
             kms_key: t.encryption.kms_key().map(str::to_owned),
-            lifecycle_policy: t.lifecycle_policy.clone(),
+            lifecycle_policy: lifecycle_policy.clone(),
             resource_tags: t.resource_tags.clone(),
             custom_role_arn: t.custom_role_arn.clone(),
         })

@@ -531,3 +531,34 @@ async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
     untouched.sort();
     assert_eq!(remaining, untouched);
 }
+
+/// The config is shared with the DaemonSet, whose nodes lack the admin's lifecycle policy file:
+/// only `ecr setup`/`ecr check` may read it, relative to the config file.
+#[test]
+fn a_missing_lifecycle_policy_file_fails_only_setup_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[ecr]\nregion = \"us-east-1\"\naccount = \"123456789012\"\n\
+         [upstreams.\"quay.io\"]\nprefix = \"quay\"\n\
+         [ecr_setup.template]\nlifecycle_policy_file = \"lifecycle.json\"\n",
+    );
+    // From another working directory, as the DaemonSet would load it.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(pullthrough_bin())
+        .args(["check-config", "--config", &config])
+        .current_dir(elsewhere.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = ecr(&["setup", "--config", &config], &dead);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let want = format!(
+        "ecr_setup.template.lifecycle_policy_file: {} is not a readable file",
+        dir.path().join("lifecycle.json").display()
+    );
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
+}
