@@ -165,13 +165,20 @@ pub async fn templates(client: &Client) -> Result<Vec<TemplateSpec>, EcrOpsError
                     .map_or("AES256", |e| e.encryption_type().as_str())
                     .to_owned(),
                 kms_key: enc.and_then(|e| e.kms_key()).map(str::to_owned),
-                lifecycle_policy: t.lifecycle_policy().map(str::to_owned),
+                // A field cleared with "" (see `apply_op`) may come back as "".
+                lifecycle_policy: t
+                    .lifecycle_policy()
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned),
                 resource_tags: t
                     .resource_tags()
                     .iter()
                     .map(|tag| (tag.key().to_owned(), tag.value().to_owned()))
                     .collect(),
-                custom_role_arn: t.custom_role_arn().map(str::to_owned),
+                custom_role_arn: t
+                    .custom_role_arn()
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_owned),
             });
         }
         match page.next_token() {
@@ -276,15 +283,17 @@ async fn apply_op(client: &Client, op: &Op) -> Result<(), EcrOpsError> {
         }
         Op::UpdateTemplate(t) => {
             let (enc, tags, applied) = template_parts(t)?;
+            // ECR keeps every field an update leaves out, so "none" has to be sent as an empty
+            // string to clear a lifecycle policy or custom role (both allow length 0).
             client
                 .update_repository_creation_template()
                 .prefix(&t.prefix)
                 .encryption_configuration(enc)
                 .set_resource_tags(Some(tags))
                 .image_tag_mutability(ImageTagMutability::from(t.tag_mutability.as_str()))
-                .set_lifecycle_policy(t.lifecycle_policy.clone())
+                .lifecycle_policy(t.lifecycle_policy.clone().unwrap_or_default())
                 .set_applied_for(Some(applied))
-                .set_custom_role_arn(t.custom_role_arn.clone())
+                .custom_role_arn(t.custom_role_arn.clone().unwrap_or_default())
                 .send()
                 .await
                 .map(drop)
@@ -466,18 +475,38 @@ mod tests {
                 let prefix = req.prefix().unwrap().to_owned();
                 a.writes
                     .push(format!("UpdateRepositoryCreationTemplate {prefix}"));
-                let updated = RepositoryCreationTemplate::builder()
-                    .prefix(&prefix)
-                    .set_encryption_configuration(req.encryption_configuration().cloned())
-                    .set_resource_tags(Some(req.resource_tags().to_vec()))
-                    .set_image_tag_mutability(req.image_tag_mutability().cloned())
-                    .set_lifecycle_policy(req.lifecycle_policy().map(str::to_owned))
-                    .set_applied_for(Some(req.applied_for().to_vec()))
-                    .set_custom_role_arn(req.custom_role_arn().map(str::to_owned))
-                    .build();
+                // As ECR does: a field the request leaves out keeps its value.
                 for t in &mut a.templates {
                     if t.prefix() == Some(prefix.as_str()) {
-                        *t = updated.clone();
+                        let keep = t.clone();
+                        *t = RepositoryCreationTemplate::builder()
+                            .prefix(&prefix)
+                            .set_description(keep.description().map(str::to_owned))
+                            .set_encryption_configuration(
+                                req.encryption_configuration
+                                    .clone()
+                                    .or(keep.encryption_configuration().cloned()),
+                            )
+                            .set_resource_tags(
+                                req.resource_tags.clone().or(keep.resource_tags.clone()),
+                            )
+                            .set_image_tag_mutability(
+                                req.image_tag_mutability
+                                    .clone()
+                                    .or(keep.image_tag_mutability().cloned()),
+                            )
+                            .set_lifecycle_policy(
+                                req.lifecycle_policy
+                                    .clone()
+                                    .or(keep.lifecycle_policy().map(str::to_owned)),
+                            )
+                            .set_applied_for(req.applied_for.clone().or(keep.applied_for.clone()))
+                            .set_custom_role_arn(
+                                req.custom_role_arn
+                                    .clone()
+                                    .or(keep.custom_role_arn().map(str::to_owned)),
+                            )
+                            .build();
                     }
                 }
                 UpdateRepositoryCreationTemplateOutput::builder().build()
@@ -700,6 +729,63 @@ mod tests {
         );
         let (_, out) = setup(&client, false).await;
         assert!(out.contains("Everything is as configured."), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_lifecycle_policy_and_custom_role_dropped_from_the_config_are_cleared() {
+        let state = Arc::new(Mutex::new(FakeAccount::default()));
+        let client = client(&fake_rules(&state));
+        // st::config() sets a custom role and the default lifecycle policy.
+        setup(&client, true).await;
+        assert!(
+            state.lock().unwrap().templates[0]
+                .lifecycle_policy()
+                .is_some()
+        );
+        state.lock().unwrap().writes.clear();
+        let config = Config::from_toml_str(
+            "[ecr]\nregion = \"eu-west-1\"\naccount = \"123456789012\"\n\
+             [upstreams.\"quay.io\"]\nprefix = \"quay\"\n\
+             [ecr_setup.template]\nuntagged_expire_days = 0\n",
+            "t.toml",
+        )
+        .unwrap();
+        let run = |apply| {
+            let client = client.clone();
+            let config = config.clone();
+            async move {
+                let mut out = Vec::new();
+                let ok = run_setup(&config, &client, &st::target(), apply, &mut out)
+                    .await
+                    .unwrap();
+                (ok, String::from_utf8(out).unwrap())
+            }
+        };
+        let (ok, out) = run(true).await;
+        assert!(ok, "{out}");
+        assert!(out.contains("updated template quay"), "{out}");
+        let quay = |a: &FakeAccount| {
+            a.templates
+                .iter()
+                .find(|t| t.prefix() == Some("quay"))
+                .cloned()
+                .unwrap()
+        };
+        {
+            let a = state.lock().unwrap();
+            let t = quay(&a);
+            assert_eq!(t.lifecycle_policy(), Some(""));
+            assert_eq!(t.custom_role_arn(), Some(""));
+        }
+        let (ok, out) = run(true).await;
+        assert!(ok, "{out}");
+        assert!(out.contains("Applied 0 change(s)."), "{out}");
+        assert!(!out.contains("~ template"), "{out}");
+        assert_eq!(
+            state.lock().unwrap().writes,
+            ["UpdateRepositoryCreationTemplate quay"],
+            "the second apply wrote again"
+        );
     }
 
     fn failing_create(code: &'static str) -> Rule {
