@@ -72,6 +72,9 @@ pub enum EcrOpsError {
         /// What happened.
         message: String,
     },
+    /// Stopped by a signal (Ctrl-C); the message says what was left undone.
+    #[error("{0}")]
+    Interrupted(String),
     /// Writing the report failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),

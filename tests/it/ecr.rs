@@ -13,10 +13,10 @@ use crate::support::pullthrough::TEST_TIMEOUTS;
 use crate::support::registry::Registry;
 use crate::support::{free_port, pullthrough_bin};
 
-/// Runs `pullthrough ecr <args>` with the ECR API pointed at `ecr_api` and no real identity.
-fn ecr(args: &[&str], ecr_api: &str) -> Output {
-    Command::new(pullthrough_bin())
-        .arg("ecr")
+/// `pullthrough ecr <args>` with the ECR API pointed at `ecr_api` and no real identity.
+fn ecr_command(args: &[&str], ecr_api: &str) -> Command {
+    let mut c = Command::new(pullthrough_bin());
+    c.arg("ecr")
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -27,8 +27,14 @@ fn ecr(args: &[&str], ecr_api: &str) -> Output {
         .env("AWS_REGION", "us-east-1")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        // Not a terminal here, so no progress bar: stdout is only the report.
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    c
+}
+
+/// Runs `pullthrough ecr <args>`; not a terminal here, so no progress bar: stdout is only the
+/// report.
+fn ecr(args: &[&str], ecr_api: &str) -> Output {
+    ecr_command(args, ecr_api)
         .output()
         .expect("run pullthrough ecr")
 }
@@ -85,8 +91,10 @@ const CLEANUP_CONFIG: &str = "[ecr]\nregion = \"us-east-1\"\naccount = \"1234567
 async fn cleanup_lists_then_deletes_exactly_the_prefixed_repositories() {
     let moto = Moto::start().await;
     let client = moto_client(&moto);
-    // More than one page's worth (ECR pages at 100), plus neighbours that must survive: a
-    // sibling whose name merely starts with the prefix, and another upstream's.
+    // More than 100 repositories, plus neighbours that must survive: a sibling whose name merely
+    // starts with the prefix, and another upstream's. moto answers DescribeRepositories in one
+    // page whatever maxResults says, so this cannot catch a paging bug; the aws-smithy-mocks
+    // test in src/ecr_ops/cleanup.rs lists and deletes three pages.
     const N: usize = 105;
     for i in 0..N {
         client
@@ -459,30 +467,21 @@ async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CLEANUP_CONFIG);
-    let child = Command::new(pullthrough_bin())
-        .args([
-            "ecr",
+    let child = ecr_command(
+        &[
             "cleanup",
             "--config",
             &config,
             "--prefix",
             "docker-hub",
             "--apply",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("AWS_ENDPOINT_URL_ECR", moto.endpoint())
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        &moto.endpoint(),
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     // Interrupt as soon as the deleting has started.
     crate::support::eventually("the first repository deleted", || {
         let remaining = tokio::task::block_in_place(|| {
@@ -561,4 +560,44 @@ fn a_missing_lifecycle_policy_file_fails_only_setup_naming_the_file() {
         dir.path().join("lifecycle.json").display()
     );
     assert!(stderr(&out).contains(&want), "{}", stderr(&out));
+}
+
+/// Ctrl-C while cleanup is still listing (here: an API that never answers) stops it at once,
+/// with nothing deleted.
+#[test]
+fn ctrl_c_while_listing_stops_at_once_with_nothing_deleted() {
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", api.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    let child = ecr_command(
+        &[
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ],
+        &endpoint,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The listing's first call has connected and waits for an answer that never comes.
+    let (_held, _) = api.accept().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted while listing; nothing was deleted"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "");
 }
