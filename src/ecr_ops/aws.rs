@@ -621,8 +621,21 @@ mod tests {
                 crate::ecr_ops::policy::STATEMENT_SID
             );
         }
+        // Templates and the nodes' permission first: a rule lets nodes create repositories at
+        // once, and ECR never applies a template to a repository created before it.
+        assert_eq!(
+            state.lock().unwrap().writes,
+            [
+                "CreateRepositoryCreationTemplate docker-hub",
+                "CreateRepositoryCreationTemplate github",
+                "CreateRepositoryCreationTemplate quay",
+                "PutRegistryPolicy",
+                "CreatePullThroughCacheRule docker-hub",
+                "CreatePullThroughCacheRule github",
+                "CreatePullThroughCacheRule quay",
+            ]
+        );
         let writes = state.lock().unwrap().writes.len();
-        assert_eq!(writes, 7);
 
         let (ok, out) = setup(&client, true).await;
         assert!(ok, "{out}");
@@ -876,8 +889,8 @@ mod tests {
         assert_eq!(
             state.lock().unwrap().writes,
             [
-                "CreatePullThroughCacheRule quay",
-                "CreateRepositoryCreationTemplate quay"
+                "CreateRepositoryCreationTemplate quay",
+                "CreatePullThroughCacheRule quay"
             ]
         );
     }

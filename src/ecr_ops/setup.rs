@@ -275,9 +275,12 @@ fn opt(s: &Option<String>) -> &str {
     s.as_deref().unwrap_or("(none)")
 }
 
-/// Compares desired and observed state.
+/// Compares desired and observed state. Steps come in the order they are applied: templates,
+/// then the registry policy, then the rules. A rule makes nodes create repositories at once, and
+/// ECR applies a template only to repositories created after it, so templates and the nodes'
+/// permission must be in place before the first rule.
 pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError> {
-    let mut steps = Vec::new();
+    let mut rule_steps = Vec::new();
     for want in &desired.rules {
         let summary = match &want.credential_arn {
             Some(c) => format!("{} (credential {c})", want.upstream_url),
@@ -310,7 +313,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
             }
             Some(_) => (Action::Unchanged, vec![], Op::None),
         };
-        steps.push(Step {
+        rule_steps.push(Step {
             kind: "rule",
             name: want.prefix.clone(),
             action,
@@ -320,7 +323,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
         });
     }
     for (registry, prefix) in &desired.unsupported {
-        steps.push(Step {
+        rule_steps.push(Step {
             kind: "rule",
             name: prefix.clone(),
             action: Action::Skip,
@@ -331,6 +334,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
             op: Op::None,
         });
     }
+    let mut steps = Vec::new();
     for want in &desired.templates {
         let summary = template_summary(want);
         let found = observed.templates.iter().find(|t| t.prefix == want.prefix);
@@ -401,6 +405,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
             });
         }
     }
+    steps.extend(rule_steps);
     Ok(Plan { steps })
 }
 
@@ -676,27 +681,27 @@ custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
     }
 
     #[rstest]
-    #[case::empty_account(Observed::default(), &[Action::Create, Action::Create, Action::Create, Action::Skip, Action::Create, Action::Create, Action::Create, Action::Create])]
-    #[case::in_sync(in_sync(), &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+    #[case::empty_account(Observed::default(), &[Action::Create, Action::Create, Action::Create, Action::Create, Action::Create, Action::Create, Action::Create, Action::Skip])]
+    #[case::in_sync(in_sync(), &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::credential_rotated(with(|o| o.rules[0].credential_arn = Some("arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old".into())),
-        &[Action::Update, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::prefix_taken_by_other_upstream(with(|o| o.rules[2].upstream_url = "public.ecr.aws".into()),
-        &[Action::Unchanged, Action::Unchanged, Action::Conflict, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Conflict, Action::Skip])]
     #[case::upstream_url_case_differs(with(|o| o.rules[2].upstream_url = "Quay.io".into()),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::template_mutability(with(|o| o.templates[1].tag_mutability = "IMMUTABLE".into()),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::template_lifecycle_reformatted(with(|o| {
             let p: Value = serde_json::from_str(o.templates[0].lifecycle_policy.as_deref().unwrap()).unwrap();
             o.templates[0].lifecycle_policy = Some(serde_json::to_string_pretty(&p).unwrap());
         }),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::template_tags_missing(with(|o| o.templates[2].resource_tags.clear()),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::policy_without_our_statement(with(|o| o.registry_policy = Some(r#"{"Version":"2012-10-17","Statement":[{"Sid":"Other","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::210987654321:root"},"Action":"ecr:ReplicateImage","Resource":"*"}]}"#.into())),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Create])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Create, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::policy_with_stale_statement(with(|o| o.registry_policy = Some(format!(r#"{{"Statement":[{{"Sid":"{}","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::123456789012:role/old"}},"Action":"ecr:CreateRepository","Resource":"*"}}]}}"#, policy::STATEMENT_SID))),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Update])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     fn plans(#[case] observed: Observed, #[case] want_actions: &[Action]) {
         let p = plan(&want(), &observed).unwrap();
         let got: Vec<Action> = p.steps.iter().map(|s| s.action).collect();
@@ -740,23 +745,27 @@ custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
         let c = Config::from_toml_str(text, "t.toml").unwrap();
         let d = desired(&c, &target()).unwrap();
         let p = plan(&d, &Observed::default()).unwrap();
-        let last = p.steps.last().unwrap();
-        assert_eq!((last.kind, last.action), ("registry-policy", Action::Skip));
+        let policy = p
+            .steps
+            .iter()
+            .find(|s| s.kind == "registry-policy")
+            .unwrap();
+        assert_eq!(policy.action, Action::Skip);
     }
 
     #[test]
     fn golden_plan_for_an_empty_account() {
         let got = render(&plan(&want(), &Observed::default()).unwrap());
         let want = "\
++ template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
 + rule            docker-hub                        registry-1.docker.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf)
 + rule            github                            ghcr.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123)
 + rule            quay                              quay.io
 - rule            gcr                               gcr.io
       ECR has no pull-through cache for gcr.io; pulls of it always go upstream
-+ template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
-+ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
-+ template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
-+ registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
 
 Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
 ";
@@ -780,13 +789,6 @@ Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
         });
         let got = render(&plan(&want(), &o).unwrap());
         let want = "\
-~ rule            docker-hub                        registry-1.docker.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf)
-      credentialArn: arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old -> arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf
-= rule            github                            ghcr.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123)
-! rule            quay                              quay.io
-      prefix \"quay\" already caches public.ecr.aws; ECR cannot change a rule's upstream: delete that rule or choose another prefix
-- rule            gcr                               gcr.io
-      ECR has no pull-through cache for gcr.io; pulls of it always go upstream
 = template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
 ~ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
       imageTagMutability: IMMUTABLE -> MUTABLE
@@ -794,6 +796,13 @@ Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
 = template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
 ~ registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
       keeps the other 1 statement(s) as they are
+~ rule            docker-hub                        registry-1.docker.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf)
+      credentialArn: arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old -> arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf
+= rule            github                            ghcr.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123)
+! rule            quay                              quay.io
+      prefix \"quay\" already caches public.ecr.aws; ECR cannot change a rule's upstream: delete that rule or choose another prefix
+- rule            gcr                               gcr.io
+      ECR has no pull-through cache for gcr.io; pulls of it always go upstream
 
 Plan: 0 to create, 3 to update, 3 unchanged, 1 skipped, 1 conflict(s).
 ";
