@@ -265,7 +265,7 @@ async fn apply_op(client: &Client, op: &Op) -> Result<(), EcrOpsError> {
             .map(drop)
             .map_err(|e| api_error("UpdatePullThroughCacheRule", e)),
         Op::CreateTemplate(t) => {
-            let (enc, tags, applied) = template_parts(t)?;
+            let (enc, tags, applied) = template_parts(t, "CreateRepositoryCreationTemplate")?;
             client
                 .create_repository_creation_template()
                 .prefix(&t.prefix)
@@ -282,7 +282,7 @@ async fn apply_op(client: &Client, op: &Op) -> Result<(), EcrOpsError> {
                 .map_err(|e| api_error("CreateRepositoryCreationTemplate", e))
         }
         Op::UpdateTemplate(t) => {
-            let (enc, tags, applied) = template_parts(t)?;
+            let (enc, tags, applied) = template_parts(t, "UpdateRepositoryCreationTemplate")?;
             // ECR keeps every field an update leaves out, so "none" has to be sent as an empty
             // string to clear a lifecycle policy or custom role (both allow length 0).
             client
@@ -315,9 +315,10 @@ type TemplateParts = (
     Vec<RctAppliedFor>,
 );
 
-fn template_parts(t: &TemplateSpec) -> Result<TemplateParts, EcrOpsError> {
+/// The request parts both template calls share; `op` labels a build error.
+fn template_parts(t: &TemplateSpec, op: &'static str) -> Result<TemplateParts, EcrOpsError> {
     let build = |e: aws_sdk_ecr::error::BuildError| EcrOpsError::Api {
-        op: "CreateRepositoryCreationTemplate",
+        op,
         message: e.to_string(),
     };
     let enc = EncryptionConfigurationForRepositoryCreationTemplate::builder()
