@@ -487,7 +487,10 @@ fn template_diff(have: &TemplateSpec, want: &TemplateSpec) -> Vec<String> {
             have.tag_mutability, want.tag_mutability
         ));
     }
-    if have.encryption_type != want.encryption_type || have.kms_key != want.kms_key {
+    // No `kms_key` means ECR's AWS-managed key, which ECR reports resolved to its ARN: any key
+    // matches then, or the plan would show a change on every run.
+    let kms_differs = want.kms_key.is_some() && have.kms_key != want.kms_key;
+    if have.encryption_type != want.encryption_type || kms_differs {
         notes.push(format!(
             "encryption: {} {} -> {} {}",
             have.encryption_type,
@@ -723,6 +726,47 @@ custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
             with(|o| o.templates[0].applied_for = vec![APPLIED_FOR.into(), "REPLICATION".into()]);
         let p = plan(&want(), &o).unwrap();
         assert!(!p.has_changes());
+    }
+
+    #[rstest]
+    #[case::unset_key_matches_the_resolved_aws_key(
+        "KMS",
+        Some("arn:aws:kms:eu-west-1:123456789012:key/aws-ecr"),
+        None,
+        false
+    )]
+    #[case::unset_key_still_needs_kms("AES256", None, None, true)]
+    #[case::set_key_must_match(
+        "KMS",
+        Some("arn:aws:kms:eu-west-1:123456789012:key/old"),
+        Some("arn:aws:kms:eu-west-1:123456789012:key/new"),
+        true
+    )]
+    #[case::set_key_matches(
+        "KMS",
+        Some("arn:aws:kms:eu-west-1:123456789012:key/new"),
+        Some("arn:aws:kms:eu-west-1:123456789012:key/new"),
+        false
+    )]
+    fn kms_keys(
+        #[case] have_type: &str,
+        #[case] have_key: Option<&str>,
+        #[case] want_key: Option<&str>,
+        #[case] changes: bool,
+    ) {
+        let mut d = want();
+        for t in &mut d.templates {
+            t.encryption_type = "KMS".into();
+            t.kms_key = want_key.map(str::to_owned);
+        }
+        let o = with(|o| {
+            for t in &mut o.templates {
+                t.encryption_type = have_type.into();
+                t.kms_key = have_key.map(str::to_owned);
+            }
+        });
+        let p = plan(&d, &o).unwrap();
+        assert_eq!(p.has_changes(), changes, "{:?}", actions(&p));
     }
 
     #[test]
