@@ -601,3 +601,112 @@ fn ctrl_c_while_listing_stops_at_once_with_nothing_deleted() {
     );
     assert_eq!(stdout(&out), "");
 }
+
+/// A stand-in ECR API for the one thing neither moto nor a mock can do: a `DeleteRepository`
+/// that never answers. It lists one repository with no images; the delete is held open and
+/// reported on `deleting`.
+fn api_with_a_stuck_delete(deleting: std::sync::mpsc::Sender<()>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", api.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in api.incoming() {
+            let Ok(conn) = conn else { return };
+            let deleting = deleting.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let (mut target, mut length) = (String::new(), 0usize);
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("x-amz-target:") {
+                            target = v.trim().to_owned();
+                        } else if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        } else if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer = if target.ends_with(".describerepositories") {
+                        r#"{"repositories":[{"repositoryName":"docker-hub/stuck"}]}"#
+                    } else if target.ends_with(".describeimages") {
+                        r#"{"imageDetails":[]}"#
+                    } else if target.ends_with(".deleterepository") {
+                        let _ = deleting.send(());
+                        // Held open: the delete is in flight until the process gives up.
+                        let _ = reader.read(&mut [0; 1]);
+                        return;
+                    } else {
+                        "{}"
+                    };
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+/// The first Ctrl-C waits for the delete in flight; a second one exits without it.
+#[test]
+fn a_second_ctrl_c_exits_without_waiting_for_the_delete_in_flight() {
+    let (deleting, delete_started) = std::sync::mpsc::channel();
+    let endpoint = api_with_a_stuck_delete(deleting);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    let mut child = ecr_command(
+        &[
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ],
+        &endpoint,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    delete_started
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the delete never started");
+    // Signals sent close together may arrive as one, so keep interrupting until it exits: the
+    // first only stops new deletes, and the delete in flight never ends, so only a later one
+    // can end the process.
+    for _ in 0..300 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        panic!("repeated Ctrl-C did not end cleanup");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("interrupted twice: stopped without waiting for the delete in flight"),
+        "{}",
+        stderr(&out)
+    );
+}
