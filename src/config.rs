@@ -245,7 +245,12 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml_str(&text, &path.display().to_string())
+        let mut config = Config::from_toml_str(&text, &path.display().to_string())?;
+        // Paths in the file are relative to the file, not to the working directory.
+        if let Some(dir) = path.parent() {
+            config.ecr_setup.template.anchor_paths(dir);
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `path` only labels errors. Tests use this directly.

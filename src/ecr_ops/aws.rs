@@ -165,13 +165,20 @@ pub async fn templates(client: &Client) -> Result<Vec<TemplateSpec>, EcrOpsError
                     .map_or("AES256", |e| e.encryption_type().as_str())
                     .to_owned(),
                 kms_key: enc.and_then(|e| e.kms_key()).map(str::to_owned),
-                lifecycle_policy: t.lifecycle_policy().map(str::to_owned),
+                // A field cleared with "" (see `apply_op`) may come back as "".
+                lifecycle_policy: t
+                    .lifecycle_policy()
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned),
                 resource_tags: t
                     .resource_tags()
                     .iter()
                     .map(|tag| (tag.key().to_owned(), tag.value().to_owned()))
                     .collect(),
-                custom_role_arn: t.custom_role_arn().map(str::to_owned),
+                custom_role_arn: t
+                    .custom_role_arn()
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_owned),
             });
         }
         match page.next_token() {
@@ -258,7 +265,7 @@ async fn apply_op(client: &Client, op: &Op) -> Result<(), EcrOpsError> {
             .map(drop)
             .map_err(|e| api_error("UpdatePullThroughCacheRule", e)),
         Op::CreateTemplate(t) => {
-            let (enc, tags, applied) = template_parts(t)?;
+            let (enc, tags, applied) = template_parts(t, "CreateRepositoryCreationTemplate")?;
             client
                 .create_repository_creation_template()
                 .prefix(&t.prefix)
@@ -275,16 +282,18 @@ async fn apply_op(client: &Client, op: &Op) -> Result<(), EcrOpsError> {
                 .map_err(|e| api_error("CreateRepositoryCreationTemplate", e))
         }
         Op::UpdateTemplate(t) => {
-            let (enc, tags, applied) = template_parts(t)?;
+            let (enc, tags, applied) = template_parts(t, "UpdateRepositoryCreationTemplate")?;
+            // ECR keeps every field an update leaves out, so "none" has to be sent as an empty
+            // string to clear a lifecycle policy or custom role (both allow length 0).
             client
                 .update_repository_creation_template()
                 .prefix(&t.prefix)
                 .encryption_configuration(enc)
                 .set_resource_tags(Some(tags))
                 .image_tag_mutability(ImageTagMutability::from(t.tag_mutability.as_str()))
-                .set_lifecycle_policy(t.lifecycle_policy.clone())
+                .lifecycle_policy(t.lifecycle_policy.clone().unwrap_or_default())
                 .set_applied_for(Some(applied))
-                .set_custom_role_arn(t.custom_role_arn.clone())
+                .custom_role_arn(t.custom_role_arn.clone().unwrap_or_default())
                 .send()
                 .await
                 .map(drop)
@@ -306,9 +315,10 @@ type TemplateParts = (
     Vec<RctAppliedFor>,
 );
 
-fn template_parts(t: &TemplateSpec) -> Result<TemplateParts, EcrOpsError> {
+/// The request parts both template calls share; `op` labels a build error.
+fn template_parts(t: &TemplateSpec, op: &'static str) -> Result<TemplateParts, EcrOpsError> {
     let build = |e: aws_sdk_ecr::error::BuildError| EcrOpsError::Api {
-        op: "CreateRepositoryCreationTemplate",
+        op,
         message: e.to_string(),
     };
     let enc = EncryptionConfigurationForRepositoryCreationTemplate::builder()
@@ -466,18 +476,38 @@ mod tests {
                 let prefix = req.prefix().unwrap().to_owned();
                 a.writes
                     .push(format!("UpdateRepositoryCreationTemplate {prefix}"));
-                let updated = RepositoryCreationTemplate::builder()
-                    .prefix(&prefix)
-                    .set_encryption_configuration(req.encryption_configuration().cloned())
-                    .set_resource_tags(Some(req.resource_tags().to_vec()))
-                    .set_image_tag_mutability(req.image_tag_mutability().cloned())
-                    .set_lifecycle_policy(req.lifecycle_policy().map(str::to_owned))
-                    .set_applied_for(Some(req.applied_for().to_vec()))
-                    .set_custom_role_arn(req.custom_role_arn().map(str::to_owned))
-                    .build();
+                // As ECR does: a field the request leaves out keeps its value.
                 for t in &mut a.templates {
                     if t.prefix() == Some(prefix.as_str()) {
-                        *t = updated.clone();
+                        let keep = t.clone();
+                        *t = RepositoryCreationTemplate::builder()
+                            .prefix(&prefix)
+                            .set_description(keep.description().map(str::to_owned))
+                            .set_encryption_configuration(
+                                req.encryption_configuration
+                                    .clone()
+                                    .or(keep.encryption_configuration().cloned()),
+                            )
+                            .set_resource_tags(
+                                req.resource_tags.clone().or(keep.resource_tags.clone()),
+                            )
+                            .set_image_tag_mutability(
+                                req.image_tag_mutability
+                                    .clone()
+                                    .or(keep.image_tag_mutability().cloned()),
+                            )
+                            .set_lifecycle_policy(
+                                req.lifecycle_policy
+                                    .clone()
+                                    .or(keep.lifecycle_policy().map(str::to_owned)),
+                            )
+                            .set_applied_for(req.applied_for.clone().or(keep.applied_for.clone()))
+                            .set_custom_role_arn(
+                                req.custom_role_arn
+                                    .clone()
+                                    .or(keep.custom_role_arn().map(str::to_owned)),
+                            )
+                            .build();
                     }
                 }
                 UpdateRepositoryCreationTemplateOutput::builder().build()
@@ -592,8 +622,21 @@ mod tests {
                 crate::ecr_ops::policy::STATEMENT_SID
             );
         }
+        // Templates and the nodes' permission first: a rule lets nodes create repositories at
+        // once, and ECR never applies a template to a repository created before it.
+        assert_eq!(
+            state.lock().unwrap().writes,
+            [
+                "CreateRepositoryCreationTemplate docker-hub",
+                "CreateRepositoryCreationTemplate github",
+                "CreateRepositoryCreationTemplate quay",
+                "PutRegistryPolicy",
+                "CreatePullThroughCacheRule docker-hub",
+                "CreatePullThroughCacheRule github",
+                "CreatePullThroughCacheRule quay",
+            ]
+        );
         let writes = state.lock().unwrap().writes.len();
-        assert_eq!(writes, 7);
 
         let (ok, out) = setup(&client, true).await;
         assert!(ok, "{out}");
@@ -702,6 +745,63 @@ mod tests {
         assert!(out.contains("Everything is as configured."), "{out}");
     }
 
+    #[tokio::test]
+    async fn a_lifecycle_policy_and_custom_role_dropped_from_the_config_are_cleared() {
+        let state = Arc::new(Mutex::new(FakeAccount::default()));
+        let client = client(&fake_rules(&state));
+        // st::config() sets a custom role and the default lifecycle policy.
+        setup(&client, true).await;
+        assert!(
+            state.lock().unwrap().templates[0]
+                .lifecycle_policy()
+                .is_some()
+        );
+        state.lock().unwrap().writes.clear();
+        let config = Config::from_toml_str(
+            "[ecr]\nregion = \"eu-west-1\"\naccount = \"123456789012\"\n\
+             [upstreams.\"quay.io\"]\nprefix = \"quay\"\n\
+             [ecr_setup.template]\nuntagged_expire_days = 0\n",
+            "t.toml",
+        )
+        .unwrap();
+        let run = |apply| {
+            let client = client.clone();
+            let config = config.clone();
+            async move {
+                let mut out = Vec::new();
+                let ok = run_setup(&config, &client, &st::target(), apply, &mut out)
+                    .await
+                    .unwrap();
+                (ok, String::from_utf8(out).unwrap())
+            }
+        };
+        let (ok, out) = run(true).await;
+        assert!(ok, "{out}");
+        assert!(out.contains("updated template quay"), "{out}");
+        let quay = |a: &FakeAccount| {
+            a.templates
+                .iter()
+                .find(|t| t.prefix() == Some("quay"))
+                .cloned()
+                .unwrap()
+        };
+        {
+            let a = state.lock().unwrap();
+            let t = quay(&a);
+            assert_eq!(t.lifecycle_policy(), Some(""));
+            assert_eq!(t.custom_role_arn(), Some(""));
+        }
+        let (ok, out) = run(true).await;
+        assert!(ok, "{out}");
+        assert!(out.contains("Applied 0 change(s)."), "{out}");
+        assert!(!out.contains("~ template"), "{out}");
+        assert_eq!(
+            state.lock().unwrap().writes,
+            ["UpdateRepositoryCreationTemplate quay"],
+            "the second apply wrote again"
+        );
+    }
+
     fn failing_create(code: &'static str) -> Rule {
         mock!(Client::create_pull_through_cache_rule).then_error(move || {
             CreatePullThroughCacheRuleError::generic(
@@ -790,8 +890,8 @@ mod tests {
         assert_eq!(
             state.lock().unwrap().writes,
             [
-                "CreatePullThroughCacheRule quay",
-                "CreateRepositoryCreationTemplate quay"
+                "CreateRepositoryCreationTemplate quay",
+                "CreatePullThroughCacheRule quay"
             ]
         );
     }

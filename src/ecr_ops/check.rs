@@ -240,8 +240,8 @@ pub async fn run(
     };
     let (desired, missing) =
         super::setup::desired_parts(config, target.as_ref().unwrap_or(&fallback));
-    for (prefix, message) in missing {
-        out.push(check(Status::Fail, format!("credential {prefix}"), message));
+    for (name, message) in missing {
+        out.push(check(Status::Fail, name, message));
     }
     match aws::rules(client).await {
         Ok(observed) => {

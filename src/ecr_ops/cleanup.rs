@@ -3,10 +3,12 @@
 //!
 //! Each repository is one `DeleteRepository` call with `force`, so it is either gone or
 //! untouched; an interrupt (Ctrl-C) lets the call in flight finish and starts no other. The
+//! listing before it only reads, so an interrupt stops it at once, with nothing deleted. The
 //! prefix must be one of the configured pull-through prefixes (or under one) unless the caller
 //! says `--any-prefix`: a typo must not empty someone else's repositories.
 
 use std::fmt::Write as _;
+use std::future::Future;
 
 use aws_sdk_ecr::Client;
 use tokio_util::sync::CancellationToken;
@@ -57,19 +59,55 @@ pub fn check_prefix(
     Ok(p.to_owned())
 }
 
+/// The repositories under a prefix.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The repositories to delete, by name.
+    pub repos: Vec<RepoInfo>,
+    /// Repositories whose images could not be listed (access denied): left alone, with why.
+    pub skipped: Vec<(String, EcrOpsError)>,
+    /// Repositories that disappeared while listing (deleted meanwhile): nothing left to do.
+    pub gone: Vec<String>,
+}
+
+/// The error for an interrupt during the (read-only) listing.
+fn interrupted_listing() -> EcrOpsError {
+    EcrOpsError::Interrupted("interrupted while listing; nothing was deleted".into())
+}
+
+/// Awaits `call` unless `stop` fires first. Only for reads: dropping a read changes nothing.
+async fn unless_stopped<T>(
+    stop: &CancellationToken,
+    call: impl Future<Output = Result<T, EcrOpsError>>,
+) -> Result<T, EcrOpsError> {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => Err(interrupted_listing()),
+        r = call => r,
+    }
+}
+
 /// Every repository whose name starts with `prefix/`, all pages, with image count and size.
-pub async fn list(client: &Client, prefix: &str) -> Result<Vec<RepoInfo>, EcrOpsError> {
+/// One repository whose images cannot be read is skipped (and reported), not the whole listing.
+/// Stops at once, with [`EcrOpsError::Interrupted`], when `stop` fires.
+pub async fn list(
+    client: &Client,
+    prefix: &str,
+    stop: &CancellationToken,
+) -> Result<Listing, EcrOpsError> {
     let under = format!("{prefix}/");
     let mut names = Vec::new();
     let mut next: Option<String> = None;
     loop {
-        let page = client
+        let call = client
             .describe_repositories()
             .max_results(1000)
             .set_next_token(next.take())
-            .send()
-            .await
-            .map_err(|e| api_error("DescribeRepositories", e))?;
+            .send();
+        let page = unless_stopped(stop, async {
+            call.await.map_err(|e| api_error("DescribeRepositories", e))
+        })
+        .await?;
         names.extend(
             page.repositories()
                 .iter()
@@ -83,37 +121,57 @@ pub async fn list(client: &Client, prefix: &str) -> Result<Vec<RepoInfo>, EcrOps
         }
     }
     names.sort();
-    let mut out = Vec::with_capacity(names.len());
+    let mut out = Listing::default();
     for name in names {
-        let (images, bytes) = image_totals(client, &name).await?;
-        out.push(RepoInfo {
-            name,
-            images,
-            bytes,
-        });
+        match unless_stopped(stop, image_totals(client, &name)).await {
+            Ok(Totals::Found(images, bytes)) => out.repos.push(RepoInfo {
+                name,
+                images,
+                bytes,
+            }),
+            Ok(Totals::Gone) => out.gone.push(name),
+            Err(e @ EcrOpsError::AccessDenied { .. }) => out.skipped.push((name, e)),
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
 }
 
-async fn image_totals(client: &Client, repo: &str) -> Result<(u64, u64), EcrOpsError> {
+enum Totals {
+    /// Image count and bytes.
+    Found(u64, u64),
+    /// The repository no longer exists.
+    Gone,
+}
+
+async fn image_totals(client: &Client, repo: &str) -> Result<Totals, EcrOpsError> {
     let (mut images, mut bytes) = (0u64, 0u64);
     let mut next: Option<String> = None;
     loop {
-        let page = client
+        let page = match client
             .describe_images()
             .repository_name(repo)
             .max_results(1000)
             .set_next_token(next.take())
             .send()
             .await
-            .map_err(|e| api_error("DescribeImages", e))?;
+        {
+            Ok(page) => page,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_repository_not_found_exception()) =>
+            {
+                return Ok(Totals::Gone);
+            }
+            Err(e) => return Err(api_error("DescribeImages", e)),
+        };
         for d in page.image_details() {
             images += 1;
             bytes += u64::try_from(d.image_size_in_bytes().unwrap_or(0)).unwrap_or(0);
         }
         match page.next_token() {
             Some(t) if !t.is_empty() => next = Some(t.to_owned()),
-            _ => return Ok((images, bytes)),
+            _ => return Ok(Totals::Found(images, bytes)),
         }
     }
 }
@@ -186,8 +244,9 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// The listing table and its total line.
-pub fn render_list(prefix: &str, repos: &[RepoInfo]) -> String {
+/// The listing table, its total line, and the repositories left out of it.
+pub fn render_list(prefix: &str, listing: &Listing) -> String {
+    let repos = &listing.repos;
     let width = repos
         .iter()
         .map(|r| r.name.len())
@@ -215,6 +274,12 @@ pub fn render_list(prefix: &str, repos: &[RepoInfo]) -> String {
         repos.len(),
         human_bytes(bytes)
     );
+    for name in &listing.gone {
+        let _ = writeln!(out, "  gone while listing (deleted meanwhile): {name}");
+    }
+    for (name, e) in &listing.skipped {
+        let _ = writeln!(out, "  skipped, will not be deleted: {name}: {e}");
+    }
     out
 }
 
@@ -307,7 +372,11 @@ docker-hub/library/alpine        2     3.4 MiB
 docker-hub/bitnami/redis         0         0 B
 2 repositories, 2 images, 3.4 MiB under docker-hub/
 ";
-        assert_eq!(render_list("docker-hub", &repos), want);
+        let listing = Listing {
+            repos: repos.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(render_list("docker-hub", &listing), want);
     }
 
     mod mocked {
@@ -352,11 +421,16 @@ docker-hub/bitnami/redis         0         0 B
                     .image_details(ImageDetail::builder().image_size_in_bytes(24).build())
                     .build()
             });
-            let got = list(&client(&[p1, p2, images]), "docker-hub")
-                .await
-                .unwrap();
+            let got = list(
+                &client(&[p1, p2, images]),
+                "docker-hub",
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+            assert!(got.skipped.is_empty() && got.gone.is_empty());
             assert_eq!(
-                got,
+                got.repos,
                 [
                     RepoInfo {
                         name: "docker-hub/a".into(),
@@ -370,6 +444,131 @@ docker-hub/bitnami/redis         0         0 B
                     },
                 ]
             );
+        }
+
+        /// ECR pages DescribeRepositories at most 1000 at a time and may return fewer; moto
+        /// returns everything in one page, so paging is only tested here: 100 + 100 + 5, end to
+        /// end through list and delete, every repository seen and deleted exactly once.
+        #[tokio::test]
+        async fn three_pages_are_listed_and_deleted_each_exactly_once() {
+            let name = |i: usize| format!("docker-hub/app-{i:03}");
+            let page = move |range: std::ops::Range<usize>, next: Option<&str>| {
+                let names: Vec<String> = range.map(name).collect();
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                repos(&refs, next)
+            };
+            let p1 = mock!(Client::describe_repositories)
+                .match_requests(|r| r.next_token().is_none())
+                .then_output(move || page(0..100, Some("t2")));
+            let p2 = mock!(Client::describe_repositories)
+                .match_requests(|r| r.next_token() == Some("t2"))
+                .then_output(move || page(100..200, Some("t3")));
+            let p3 = mock!(Client::describe_repositories)
+                .match_requests(|r| r.next_token() == Some("t3"))
+                .then_output(move || page(200..205, None));
+            let described = Arc::new(Mutex::new(Vec::<String>::new()));
+            let log = Arc::clone(&described);
+            let images = mock!(Client::describe_images).then_compute_output(move |r| {
+                log.lock()
+                    .unwrap()
+                    .push(r.repository_name().unwrap().to_owned());
+                DescribeImagesOutput::builder().build()
+            });
+            let deleted = Arc::new(Mutex::new(Vec::<String>::new()));
+            let log = Arc::clone(&deleted);
+            let delete_rule = mock!(Client::delete_repository).then_compute_output(move |r| {
+                log.lock()
+                    .unwrap()
+                    .push(r.repository_name().unwrap().to_owned());
+                DeleteRepositoryOutput::builder().build()
+            });
+            let client = client(&[p1, p2, p3, images, delete_rule]);
+            let stop = CancellationToken::new();
+            let listing = list(&client, "docker-hub", &stop).await.unwrap();
+            let want: Vec<String> = (0..205).map(name).collect();
+            let listed: Vec<String> = listing.repos.iter().map(|r| r.name.clone()).collect();
+            assert_eq!(listed, want);
+            assert_eq!(*described.lock().unwrap(), want, "each described once");
+            let d = delete(&client, &listing.repos, &stop, |_| {}).await;
+            assert_eq!(d.deleted, want);
+            assert_eq!(*deleted.lock().unwrap(), want, "each deleted once");
+            assert!(d.failed.is_empty() && d.untouched.is_empty());
+        }
+
+        #[tokio::test]
+        async fn a_repository_whose_images_cannot_be_read_is_skipped_not_the_listing() {
+            use aws_sdk_ecr::error::ErrorMetadata;
+            use aws_sdk_ecr::operation::describe_images::DescribeImagesError;
+            use aws_sdk_ecr::types::error::RepositoryNotFoundException;
+            let page = mock!(Client::describe_repositories).then_output(|| {
+                repos(
+                    &["docker-hub/a", "docker-hub/denied", "docker-hub/gone"],
+                    None,
+                )
+            });
+            let denied = mock!(Client::describe_images)
+                .match_requests(|r| r.repository_name() == Some("docker-hub/denied"))
+                .then_error(|| {
+                    DescribeImagesError::generic(
+                        ErrorMetadata::builder()
+                            .code("AccessDeniedException")
+                            .message("not allowed")
+                            .build(),
+                    )
+                });
+            let gone = mock!(Client::describe_images)
+                .match_requests(|r| r.repository_name() == Some("docker-hub/gone"))
+                .then_error(|| {
+                    DescribeImagesError::RepositoryNotFoundException(
+                        RepositoryNotFoundException::builder().build(),
+                    )
+                });
+            let fine = mock!(Client::describe_images)
+                .then_output(|| DescribeImagesOutput::builder().build());
+            let listing = list(
+                &client(&[page, denied, gone, fine]),
+                "docker-hub",
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+            let listed: Vec<&str> = listing.repos.iter().map(|r| r.name.as_str()).collect();
+            assert_eq!(listed, ["docker-hub/a"]);
+            assert_eq!(listing.gone, ["docker-hub/gone"]);
+            let text = render_list("docker-hub", &listing);
+            assert!(
+                text.contains("  skipped, will not be deleted: docker-hub/denied: DescribeImages: access denied: the caller needs ecr:DescribeImages"),
+                "{text}"
+            );
+            assert!(
+                text.contains("  gone while listing (deleted meanwhile): docker-hub/gone\n"),
+                "{text}"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_interrupt_while_listing_stops_before_the_next_call() {
+            let stop = CancellationToken::new();
+            let page = mock!(Client::describe_repositories)
+                .then_output(|| repos(&["docker-hub/a", "docker-hub/b", "docker-hub/c"], None));
+            let described = Arc::new(Mutex::new(Vec::<String>::new()));
+            let (trigger, log) = (stop.clone(), Arc::clone(&described));
+            let images = mock!(Client::describe_images).then_compute_output(move |r| {
+                log.lock()
+                    .unwrap()
+                    .push(r.repository_name().unwrap().to_owned());
+                // Ctrl-C arrives while the first repository is being described.
+                trigger.cancel();
+                DescribeImagesOutput::builder().build()
+            });
+            let e = list(&client(&[page, images]), "docker-hub", &stop)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "interrupted while listing; nothing was deleted"
+            );
+            assert_eq!(*described.lock().unwrap(), ["docker-hub/a"]);
         }
 
         #[tokio::test]

@@ -125,18 +125,16 @@ pub async fn run(
     command: EcrCommand,
     out: &mut (dyn Write + Send),
 ) -> Result<bool, EcrOpsError> {
-    // Installed before any slow call, so Ctrl-C during cleanup never kills a delete midway.
+    // Installed before any slow call, so Ctrl-C during cleanup never kills a delete midway: the
+    // first signal stops the listing at once or lets the delete in flight finish (`stop`); a
+    // second one gives up waiting for it (`abort`).
     let stop = CancellationToken::new();
-    if matches!(command, EcrCommand::Cleanup { apply: true, .. }) {
-        let signal = crate::signal::shutdown().map_err(|e| EcrOpsError::Api {
+    let abort = CancellationToken::new();
+    if matches!(command, EcrCommand::Cleanup { .. }) {
+        watch_signals(stop.clone(), abort.clone()).map_err(|e| EcrOpsError::Api {
             op: "signal handlers",
             message: e.to_string(),
         })?;
-        let trigger = stop.clone();
-        tokio::spawn(async move {
-            signal.await;
-            trigger.cancel();
-        });
     }
     let sdk = aws::sdk_config(&config).await;
     let region = sdk.region().map(|r| r.to_string());
@@ -192,28 +190,68 @@ pub async fn run(
             ..
         } => {
             let prefix = cleanup::check_prefix(&config, &prefix, any_prefix)?;
-            let repos = cleanup::list(&client, &prefix).await?;
-            out.write_all(cleanup::render_list(&prefix, &repos).as_bytes())?;
-            if !apply {
-                writeln!(
-                    out,
-                    "Dry run: nothing deleted. Run again with --apply to delete these repositories and their images."
-                )?;
-                return Ok(true);
+            let run = run_cleanup(&client, &prefix, apply, &stop, out);
+            tokio::select! {
+                r = run => r,
+                // Dropping the delete in flight is safe for the repository (ECR deletes it
+                // whole or not at all), only we no longer learn which.
+                () = abort.cancelled() => Err(EcrOpsError::Interrupted(
+                    "interrupted twice: stopped without waiting for the delete in flight, which \
+                     ECR completes whole or not at all; run cleanup again to see what is left"
+                        .into(),
+                )),
             }
-            let bar = progress(repos.len() as u64);
-            let tick = bar.clone();
-            let deleted = cleanup::delete(&client, &repos, &stop, move |name| {
-                tick.set_message(name.to_owned());
-                tick.inc(1);
-            })
-            .await;
-            bar.finish_and_clear();
-            let interrupted = stop.is_cancelled() && !deleted.untouched.is_empty();
-            out.write_all(cleanup::render_deleted(&deleted, interrupted).as_bytes())?;
-            Ok(deleted.failed.is_empty() && deleted.untouched.is_empty())
         }
     }
+}
+
+/// SIGINT/SIGTERM during cleanup: the first cancels `stop`, the second `abort`.
+fn watch_signals(stop: CancellationToken, abort: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        for token in [stop, abort] {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            token.cancel();
+        }
+    });
+    Ok(())
+}
+
+/// Cleanup: list (stopped at once by `stop`), print, and delete with `apply`.
+async fn run_cleanup(
+    client: &Client,
+    prefix: &str,
+    apply: bool,
+    stop: &CancellationToken,
+    out: &mut (dyn Write + Send),
+) -> Result<bool, EcrOpsError> {
+    let listing = cleanup::list(client, prefix, stop).await?;
+    out.write_all(cleanup::render_list(prefix, &listing).as_bytes())?;
+    let listed_all = listing.skipped.is_empty();
+    if !apply {
+        writeln!(
+            out,
+            "Dry run: nothing deleted. Run again with --apply to delete these repositories and their images."
+        )?;
+        return Ok(listed_all);
+    }
+    let repos = &listing.repos;
+    let bar = progress(repos.len() as u64);
+    let tick = bar.clone();
+    let deleted = cleanup::delete(client, repos, stop, move |name| {
+        tick.set_message(name.to_owned());
+        tick.inc(1);
+    })
+    .await;
+    bar.finish_and_clear();
+    let interrupted = stop.is_cancelled() && !deleted.untouched.is_empty();
+    out.write_all(cleanup::render_deleted(&deleted, interrupted).as_bytes())?;
+    Ok(listed_all && deleted.failed.is_empty() && deleted.untouched.is_empty())
 }
 
 /// The manifest fetcher for warm and `check --pull`: the mirror's client, token cache and

@@ -72,6 +72,9 @@ pub enum EcrOpsError {
         /// What happened.
         message: String,
     },
+    /// Stopped by a signal (Ctrl-C); the message says what was left undone.
+    #[error("{0}")]
+    Interrupted(String),
     /// Writing the report failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
@@ -128,5 +131,21 @@ mod tests {
                 "docs/iam/ecr-admin-policy.json does not allow ecr:{op}"
             );
         }
+        // The first CreatePullThroughCacheRule makes ECR create its service-linked role as the
+        // caller; the grant must be limited to ECR's service names.
+        let slr = policy["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["Action"] == "iam:CreateServiceLinkedRole")
+            .expect("no iam:CreateServiceLinkedRole statement");
+        let names = &slr["Condition"]["StringEquals"]["iam:AWSServiceName"];
+        assert!(
+            names
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("pullthroughcache.ecr.amazonaws.com")),
+            "{slr}"
+        );
     }
 }

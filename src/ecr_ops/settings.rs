@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -121,8 +121,8 @@ pub struct TemplateSettings {
     pub tag_mutability: TagMutability,
     /// Encryption of created repositories.
     pub encryption: Encryption,
-    /// Lifecycle policy (compact JSON); `None` means no policy.
-    pub lifecycle_policy: Option<String>,
+    /// Lifecycle policy of created repositories.
+    pub lifecycle_policy: LifecyclePolicy,
     /// Tags put on every created repository.
     pub resource_tags: BTreeMap<String, String>,
     /// The role ECR assumes to create repositories; needed for resource tags and KMS.
@@ -134,9 +134,56 @@ impl Default for TemplateSettings {
         Self {
             tag_mutability: TagMutability::Mutable,
             encryption: Encryption::Aes256,
-            lifecycle_policy: Some(default_lifecycle_policy(DEFAULT_UNTAGGED_EXPIRE_DAYS)),
+            lifecycle_policy: LifecyclePolicy::Json(default_lifecycle_policy(
+                DEFAULT_UNTAGGED_EXPIRE_DAYS,
+            )),
             resource_tags: BTreeMap::new(),
             custom_role_arn: None,
+        }
+    }
+}
+
+/// `lifecycle_policy_file` / `untagged_expire_days`, as the template will get it.
+///
+/// A file is only named at config load, never read: the config is shared with the DaemonSet,
+/// whose nodes do not have the admin's policy file. `ecr setup` and `ecr check` read it
+/// ([`LifecyclePolicy::load`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LifecyclePolicy {
+    /// No lifecycle policy (`untagged_expire_days = 0`).
+    Off,
+    /// A policy pullthrough wrote (compact JSON).
+    Json(String),
+    /// `lifecycle_policy_file`: relative paths are relative to the config file's directory once
+    /// [`TemplateSettings::anchor_paths`] ran (`Config::load` does).
+    File(PathBuf),
+}
+
+impl LifecyclePolicy {
+    /// The policy text (compact JSON), reading the file if there is one; `None` means no policy.
+    /// The error names the key and the file.
+    pub fn load(&self) -> Result<Option<String>, String> {
+        match self {
+            LifecyclePolicy::Off => Ok(None),
+            LifecyclePolicy::Json(j) => Ok(Some(j.clone())),
+            LifecyclePolicy::File(path) => read_lifecycle_policy(path).map(Some).map_err(|why| {
+                format!(
+                    "ecr_setup.template.lifecycle_policy_file: {} {why}",
+                    path.display()
+                )
+            }),
+        }
+    }
+}
+
+impl TemplateSettings {
+    /// Makes a relative `lifecycle_policy_file` relative to `base` (the config file's directory),
+    /// not to the working directory of whoever runs the command.
+    pub fn anchor_paths(&mut self, base: &Path) {
+        if let LifecyclePolicy::File(p) = &mut self.lifecycle_policy
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
         }
     }
 }
@@ -394,16 +441,15 @@ fn validate_template(raw: &RawTemplate) -> Result<TemplateSettings, FieldError> 
                 "set either lifecycle_policy_file or untagged_expire_days, not both".into(),
             ));
         }
-        (Some(f), None) => Some(
-            read_lifecycle_policy(Path::new(f.get_ref())).map_err(|why| {
-                (
-                    f.span(),
-                    key("lifecycle_policy_file"),
-                    format!("{:?} {why}", f.get_ref()),
-                )
-            })?,
-        ),
-        (None, Some(d)) if *d.get_ref() == 0 => None,
+        (Some(f), None) if f.get_ref().is_empty() => {
+            return Err((
+                f.span(),
+                key("lifecycle_policy_file"),
+                "must name a file".into(),
+            ));
+        }
+        (Some(f), None) => LifecyclePolicy::File(PathBuf::from(f.get_ref())),
+        (None, Some(d)) if *d.get_ref() == 0 => LifecyclePolicy::Off,
         (None, Some(d)) if *d.get_ref() > 36_500 => {
             return Err((
                 d.span(),
@@ -411,8 +457,10 @@ fn validate_template(raw: &RawTemplate) -> Result<TemplateSettings, FieldError> 
                 "must be at most 36500 (0 turns the lifecycle policy off)".into(),
             ));
         }
-        (None, Some(d)) => Some(default_lifecycle_policy(*d.get_ref())),
-        (None, None) => Some(default_lifecycle_policy(DEFAULT_UNTAGGED_EXPIRE_DAYS)),
+        (None, Some(d)) => LifecyclePolicy::Json(default_lifecycle_policy(*d.get_ref())),
+        (None, None) => {
+            LifecyclePolicy::Json(default_lifecycle_policy(DEFAULT_UNTAGGED_EXPIRE_DAYS))
+        }
     };
     let mut resource_tags = BTreeMap::new();
     for (k, v) in raw.resource_tags.iter().flatten() {
@@ -510,9 +558,15 @@ mod tests {
         let c = load("").unwrap();
         assert!(c.ecr_setup.node_role_arns.is_empty());
         assert!(c.ecr_setup.credentials.is_empty());
-        let policy: serde_json::Value =
-            serde_json::from_str(c.ecr_setup.template.lifecycle_policy.as_deref().unwrap())
-                .unwrap();
+        let policy: serde_json::Value = serde_json::from_str(
+            &c.ecr_setup
+                .template
+                .lifecycle_policy
+                .load()
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(policy["rules"][0]["selection"]["tagStatus"], "untagged");
         assert_eq!(policy["rules"][0]["selection"]["countNumber"], 7);
     }
@@ -539,7 +593,7 @@ mod tests {
             s.template.encryption.kms_key(),
             Some("arn:aws:kms:eu-west-1:123456789012:key/1")
         );
-        assert_eq!(s.template.lifecycle_policy, None);
+        assert_eq!(s.template.lifecycle_policy, LifecyclePolicy::Off);
         assert_eq!(s.template.resource_tags["team"], "platform");
         assert_eq!(
             s.template.custom_role_arn.as_deref(),
@@ -600,9 +654,9 @@ mod tests {
         "[ecr_setup.template]\nuntagged_expire_days = 3\nlifecycle_policy_file = \"x.json\"\n",
         "ecr_setup.template.lifecycle_policy_file: set either"
     )]
-    #[case::missing_lifecycle_file(
-        "[ecr_setup.template]\nlifecycle_policy_file = \"/nonexistent.json\"\n",
-        "p.toml:9: ecr_setup.template.lifecycle_policy_file: \"/nonexistent.json\" is not a readable file"
+    #[case::empty_lifecycle_file(
+        "[ecr_setup.template]\nlifecycle_policy_file = \"\"\n",
+        "p.toml:9: ecr_setup.template.lifecycle_policy_file: must name a file"
     )]
     #[case::tags_without_role(
         "[ecr_setup.template]\nresource_tags = { team = \"a\" }\n",
@@ -648,28 +702,69 @@ mod tests {
     }
 
     #[test]
-    fn lifecycle_policy_file_is_read_and_compacted() {
+    fn lifecycle_policy_file_is_read_only_when_asked_and_compacted() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("lc.json");
+        let extra = format!(
+            "[ecr_setup.template]\nlifecycle_policy_file = \"{}\"\n",
+            f.display()
+        );
+        // The file does not exist yet: loading the config (as `serve` does) still works.
+        let c = load(&extra).unwrap();
+        let e = c.ecr_setup.template.lifecycle_policy.load().unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "ecr_setup.template.lifecycle_policy_file: {} is not a readable file",
+                f.display()
+            )),
+            "{e}"
+        );
         std::fs::write(
             &f,
             "{\n  \"rules\": [ {\"rulePriority\": 1, \"selection\": {\"tagStatus\": \"any\", \"countType\": \"imageCountMoreThan\", \"countNumber\": 5}, \"action\": {\"type\": \"expire\"}} ]\n}\n",
         )
         .unwrap();
-        let c = load(&format!(
-            "[ecr_setup.template]\nlifecycle_policy_file = \"{}\"\n",
-            f.display()
-        ))
-        .unwrap();
-        let p = c.ecr_setup.template.lifecycle_policy.unwrap();
+        let p = c
+            .ecr_setup
+            .template
+            .lifecycle_policy
+            .load()
+            .unwrap()
+            .unwrap();
         assert!(!p.contains('\n'));
         assert!(p.contains("imageCountMoreThan"));
         std::fs::write(&f, "{\"rules\": []}").unwrap();
-        let e = load(&format!(
-            "[ecr_setup.template]\nlifecycle_policy_file = \"{}\"\n",
-            f.display()
-        ))
-        .unwrap_err();
+        let e = c.ecr_setup.template.lifecycle_policy.load().unwrap_err();
         assert!(e.contains("has no \"rules\" array"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_lifecycle_policy_file_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("lc.json"),
+            "{\"rules\": [{\"rulePriority\": 1}]}",
+        )
+        .unwrap();
+        let config = dir.path().join("p.toml");
+        std::fs::write(
+            &config,
+            "[upstreams.\"quay.io\"]\nprefix = \"quay\"\n\
+             [ecr_setup.template]\nlifecycle_policy_file = \"lc.json\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&config).unwrap();
+        assert_eq!(
+            c.ecr_setup.template.lifecycle_policy,
+            LifecyclePolicy::File(dir.path().join("lc.json"))
+        );
+        assert!(
+            c.ecr_setup
+                .template
+                .lifecycle_policy
+                .load()
+                .unwrap()
+                .is_some()
+        );
     }
 }

@@ -105,8 +105,11 @@ pub fn desired(config: &Config, target: &Target) -> Result<Desired, EcrOpsError>
     }
 }
 
-/// The desired state, with rules whose required credential is missing left without one, and
-/// those problems as (prefix, message). `check` reports them and carries on.
+/// The desired state, with rules whose required credential is missing left without one (and
+/// templates without a lifecycle policy when its file cannot be read), and those problems as
+/// (check name, message). `check` reports them and carries on.
+///
+/// This reads `lifecycle_policy_file`, and only here: the mirror never needs it.
 pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String, String)>) {
     let setup = &config.ecr_setup;
     let mut rules = Vec::new();
@@ -127,7 +130,7 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
                 || (!target.account.is_empty() && account != target.account))
         {
             missing.push((
-                upstream.prefix.clone(),
+                format!("credential {}", upstream.prefix),
                 format!(
                     "ecr_setup.credentials.\"{registry}\": the secret is in {region}/{account}, \
                      but the rule would be in {}/{}: ECR reads secrets only from the rule's \
@@ -138,7 +141,7 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
         }
         if kind.needs_credential && credential_arn.is_none() {
             missing.push((
-                upstream.prefix.clone(),
+                format!("credential {}", upstream.prefix),
                 format!(
                     "ecr_setup.credentials.\"{registry}\": {} pull-through rules need a Secrets \
                      Manager secret whose name starts with \"{SECRET_NAME_PREFIX}\"; set its ARN",
@@ -153,6 +156,10 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
         });
     }
     let t = &setup.template;
+    let lifecycle_policy = t.lifecycle_policy.load().unwrap_or_else(|message| {
+        missing.push(("template lifecycle policy".to_owned(), message));
+        None
+    });
     let templates = rules
         .iter()
         .map(|r| TemplateSpec {
@@ -161,7 +168,7 @@ pub fn desired_parts(config: &Config, target: &Target) -> (Desired, Vec<(String,
             tag_mutability: t.tag_mutability.as_api().to_owned(),
             encryption_type: t.encryption.as_api().to_owned(),
             kms_key: t.encryption.kms_key().map(str::to_owned),
-            lifecycle_policy: t.lifecycle_policy.clone(),
+            lifecycle_policy: lifecycle_policy.clone(),
             resource_tags: t.resource_tags.clone(),
             custom_role_arn: t.custom_role_arn.clone(),
         })
@@ -268,9 +275,12 @@ fn opt(s: &Option<String>) -> &str {
     s.as_deref().unwrap_or("(none)")
 }
 
-/// Compares desired and observed state.
+/// Compares desired and observed state. Steps come in the order they are applied: templates,
+/// then the registry policy, then the rules. A rule makes nodes create repositories at once, and
+/// ECR applies a template only to repositories created after it, so templates and the nodes'
+/// permission must be in place before the first rule.
 pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError> {
-    let mut steps = Vec::new();
+    let mut rule_steps = Vec::new();
     for want in &desired.rules {
         let summary = match &want.credential_arn {
             Some(c) => format!("{} (credential {c})", want.upstream_url),
@@ -303,7 +313,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
             }
             Some(_) => (Action::Unchanged, vec![], Op::None),
         };
-        steps.push(Step {
+        rule_steps.push(Step {
             kind: "rule",
             name: want.prefix.clone(),
             action,
@@ -313,7 +323,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
         });
     }
     for (registry, prefix) in &desired.unsupported {
-        steps.push(Step {
+        rule_steps.push(Step {
             kind: "rule",
             name: prefix.clone(),
             action: Action::Skip,
@@ -324,6 +334,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
             op: Op::None,
         });
     }
+    let mut steps = Vec::new();
     for want in &desired.templates {
         let summary = template_summary(want);
         let found = observed.templates.iter().find(|t| t.prefix == want.prefix);
@@ -394,6 +405,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PolicyError>
             });
         }
     }
+    steps.extend(rule_steps);
     Ok(Plan { steps })
 }
 
@@ -475,7 +487,10 @@ fn template_diff(have: &TemplateSpec, want: &TemplateSpec) -> Vec<String> {
             have.tag_mutability, want.tag_mutability
         ));
     }
-    if have.encryption_type != want.encryption_type || have.kms_key != want.kms_key {
+    // No `kms_key` means ECR's AWS-managed key, which ECR reports resolved to its ARN: any key
+    // matches then, or the plan would show a change on every run.
+    let kms_differs = want.kms_key.is_some() && have.kms_key != want.kms_key;
+    if have.encryption_type != want.encryption_type || kms_differs {
         notes.push(format!(
             "encryption: {} {} -> {} {}",
             have.encryption_type,
@@ -669,27 +684,27 @@ custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
     }
 
     #[rstest]
-    #[case::empty_account(Observed::default(), &[Action::Create, Action::Create, Action::Create, Action::Skip, Action::Create, Action::Create, Action::Create, Action::Create])]
-    #[case::in_sync(in_sync(), &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+    #[case::empty_account(Observed::default(), &[Action::Create, Action::Create, Action::Create, Action::Create, Action::Create, Action::Create, Action::Create, Action::Skip])]
+    #[case::in_sync(in_sync(), &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::credential_rotated(with(|o| o.rules[0].credential_arn = Some("arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old".into())),
-        &[Action::Update, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::prefix_taken_by_other_upstream(with(|o| o.rules[2].upstream_url = "public.ecr.aws".into()),
-        &[Action::Unchanged, Action::Unchanged, Action::Conflict, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Conflict, Action::Skip])]
     #[case::upstream_url_case_differs(with(|o| o.rules[2].upstream_url = "Quay.io".into()),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::template_mutability(with(|o| o.templates[1].tag_mutability = "IMMUTABLE".into()),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::template_lifecycle_reformatted(with(|o| {
             let p: Value = serde_json::from_str(o.templates[0].lifecycle_policy.as_deref().unwrap()).unwrap();
             o.templates[0].lifecycle_policy = Some(serde_json::to_string_pretty(&p).unwrap());
         }),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::template_tags_missing(with(|o| o.templates[2].resource_tags.clear()),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged])]
+        &[Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::policy_without_our_statement(with(|o| o.registry_policy = Some(r#"{"Version":"2012-10-17","Statement":[{"Sid":"Other","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::210987654321:root"},"Action":"ecr:ReplicateImage","Resource":"*"}]}"#.into())),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Create])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Create, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     #[case::policy_with_stale_statement(with(|o| o.registry_policy = Some(format!(r#"{{"Statement":[{{"Sid":"{}","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::123456789012:role/old"}},"Action":"ecr:CreateRepository","Resource":"*"}}]}}"#, policy::STATEMENT_SID))),
-        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Update])]
+        &[Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Update, Action::Unchanged, Action::Unchanged, Action::Unchanged, Action::Skip])]
     fn plans(#[case] observed: Observed, #[case] want_actions: &[Action]) {
         let p = plan(&want(), &observed).unwrap();
         let got: Vec<Action> = p.steps.iter().map(|s| s.action).collect();
@@ -713,6 +728,47 @@ custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
         assert!(!p.has_changes());
     }
 
+    #[rstest]
+    #[case::unset_key_matches_the_resolved_aws_key(
+        "KMS",
+        Some("arn:aws:kms:eu-west-1:123456789012:key/aws-ecr"),
+        None,
+        false
+    )]
+    #[case::unset_key_still_needs_kms("AES256", None, None, true)]
+    #[case::set_key_must_match(
+        "KMS",
+        Some("arn:aws:kms:eu-west-1:123456789012:key/old"),
+        Some("arn:aws:kms:eu-west-1:123456789012:key/new"),
+        true
+    )]
+    #[case::set_key_matches(
+        "KMS",
+        Some("arn:aws:kms:eu-west-1:123456789012:key/new"),
+        Some("arn:aws:kms:eu-west-1:123456789012:key/new"),
+        false
+    )]
+    fn kms_keys(
+        #[case] have_type: &str,
+        #[case] have_key: Option<&str>,
+        #[case] want_key: Option<&str>,
+        #[case] changes: bool,
+    ) {
+        let mut d = want();
+        for t in &mut d.templates {
+            t.encryption_type = "KMS".into();
+            t.kms_key = want_key.map(str::to_owned);
+        }
+        let o = with(|o| {
+            for t in &mut o.templates {
+                t.encryption_type = have_type.into();
+                t.kms_key = have_key.map(str::to_owned);
+            }
+        });
+        let p = plan(&d, &o).unwrap();
+        assert_eq!(p.has_changes(), changes, "{:?}", actions(&p));
+    }
+
     #[test]
     fn a_secret_in_another_region_than_the_target_is_a_usage_error() {
         let other = Target {
@@ -733,23 +789,27 @@ custom_role_arn = "arn:aws:iam::123456789012:role/ecr-templates"
         let c = Config::from_toml_str(text, "t.toml").unwrap();
         let d = desired(&c, &target()).unwrap();
         let p = plan(&d, &Observed::default()).unwrap();
-        let last = p.steps.last().unwrap();
-        assert_eq!((last.kind, last.action), ("registry-policy", Action::Skip));
+        let policy = p
+            .steps
+            .iter()
+            .find(|s| s.kind == "registry-policy")
+            .unwrap();
+        assert_eq!(policy.action, Action::Skip);
     }
 
     #[test]
     fn golden_plan_for_an_empty_account() {
         let got = render(&plan(&want(), &Observed::default()).unwrap());
         let want = "\
++ template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
++ registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
 + rule            docker-hub                        registry-1.docker.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf)
 + rule            github                            ghcr.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123)
 + rule            quay                              quay.io
 - rule            gcr                               gcr.io
       ECR has no pull-through cache for gcr.io; pulls of it always go upstream
-+ template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
-+ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
-+ template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
-+ registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
 
 Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
 ";
@@ -773,13 +833,6 @@ Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
         });
         let got = render(&plan(&want(), &o).unwrap());
         let want = "\
-~ rule            docker-hub                        registry-1.docker.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf)
-      credentialArn: arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old -> arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf
-= rule            github                            ghcr.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123)
-! rule            quay                              quay.io
-      prefix \"quay\" already caches public.ecr.aws; ECR cannot change a rule's upstream: delete that rule or choose another prefix
-- rule            gcr                               gcr.io
-      ECR has no pull-through cache for gcr.io; pulls of it always go upstream
 = template        docker-hub                        PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
 ~ template        github                            PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
       imageTagMutability: IMMUTABLE -> MUTABLE
@@ -787,6 +840,13 @@ Plan: 7 to create, 0 to update, 0 unchanged, 1 skipped, 0 conflict(s).
 = template        quay                              PULL_THROUGH_CACHE, MUTABLE, AES256, expire untagged after 7 days, tags team=platform, role ecr-templates
 ~ registry-policy PullthroughNodesPullThroughCache  allow ecr:BatchImportUpstreamImage, ecr:CreateRepository for 1 node role(s) on 3 prefix(es)
       keeps the other 1 statement(s) as they are
+~ rule            docker-hub                        registry-1.docker.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf)
+      credentialArn: arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/old -> arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/docker-hub-AbCdEf
+= rule            github                            ghcr.io (credential arn:aws:secretsmanager:eu-west-1:123456789012:secret:ecr-pullthroughcache/github-XyZ123)
+! rule            quay                              quay.io
+      prefix \"quay\" already caches public.ecr.aws; ECR cannot change a rule's upstream: delete that rule or choose another prefix
+- rule            gcr                               gcr.io
+      ECR has no pull-through cache for gcr.io; pulls of it always go upstream
 
 Plan: 0 to create, 3 to update, 3 unchanged, 1 skipped, 1 conflict(s).
 ";

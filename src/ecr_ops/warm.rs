@@ -72,6 +72,8 @@ pub struct WarmTarget {
     pub repository: String,
     /// The tag to fetch.
     pub tag: String,
+    /// The digest of `image:tag@digest`, which the tag should still point at.
+    pub pinned: Option<String>,
 }
 
 /// Resolves `image` against the configured upstreams. Pure.
@@ -98,6 +100,7 @@ pub fn target(config: &Config, image: &str) -> Result<WarmTarget, WarmError> {
         image: format!("{}/{}:{tag}", r.registry(), r.repository()),
         repository,
         tag: tag.to_owned(),
+        pinned: r.digest().map(str::to_owned),
     })
 }
 
@@ -112,6 +115,8 @@ pub struct Fetched {
     pub ttfb: Duration,
     /// Body size.
     pub size: usize,
+    /// ECR's `Docker-Content-Digest`, else the body's sha256.
+    pub digest: String,
 }
 
 /// Fetches manifests from the ECR registry endpoint with the caller's token.
@@ -152,6 +157,11 @@ impl Fetcher {
         let resp = self.forwarder.send(Method::GET, uri, headers).await?;
         let ttfb = started.elapsed();
         let status = resp.status();
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let media_type = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -174,11 +184,20 @@ impl Fetcher {
                 body: text.trim().to_owned(),
             });
         }
+        let digest = header_digest.unwrap_or_else(|| {
+            use sha2::{Digest as _, Sha256};
+            let hex: String = Sha256::digest(&body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("sha256:{hex}")
+        });
         Ok(Fetched {
             children: children(&media_type, &body),
             media_type,
             ttfb,
             size: body.len(),
+            digest,
         })
     }
 }
@@ -218,6 +237,8 @@ pub struct Warmed {
     pub ttfb: Option<Duration>,
     /// `Ok(children)` or the first failure.
     pub result: Result<usize, WarmError>,
+    /// Something to know although it worked (a pinned digest the tag no longer points at).
+    pub warning: Option<String>,
 }
 
 /// Warms one image: its tag, then every child manifest by digest (ECR serves them from the
@@ -229,6 +250,7 @@ pub async fn warm_one(fetcher: &Fetcher, t: &WarmTarget) -> Warmed {
         manifests: 0,
         ttfb: None,
         result: Ok(0),
+        warning: None,
     };
     let root = match fetcher.manifest(&t.repository, &t.tag).await {
         Ok(f) => f,
@@ -239,6 +261,7 @@ pub async fn warm_one(fetcher: &Fetcher, t: &WarmTarget) -> Warmed {
     };
     w.manifests = 1;
     w.ttfb = Some(root.ttfb);
+    w.warning = pinned_mismatch(t, &root.digest);
     for digest in &root.children {
         if let Err(e) = fetcher.manifest(&t.repository, digest).await {
             w.result = Err(e);
@@ -248,6 +271,19 @@ pub async fn warm_one(fetcher: &Fetcher, t: &WarmTarget) -> Warmed {
     }
     w.result = Ok(root.children.len());
     w
+}
+
+/// Warm fills the cache by tag; a pod pinned to `tag@digest` pulls the digest. When the tag has
+/// moved on, warming it does not cache what the pod will pull. Pure.
+pub fn pinned_mismatch(t: &WarmTarget, tag_digest: &str) -> Option<String> {
+    let pinned = t.pinned.as_deref()?;
+    (pinned != tag_digest).then(|| {
+        format!(
+            "{}:{} now points at {tag_digest}, not the pinned {pinned}: the pinned image was not \
+             warmed (ECR caches only what a tag points at)",
+            t.repository, t.tag
+        )
+    })
 }
 
 /// Warms every image, at most `concurrency` at a time, in input order in the result.
@@ -276,6 +312,7 @@ pub async fn warm_all(
                     manifests: 0,
                     ttfb: None,
                     result: Err(e),
+                    warning: None,
                 },
                 Ok(t) => {
                     let _permit = sem.acquire_owned().await;
@@ -301,6 +338,7 @@ pub async fn warm_all(
                 manifests: 0,
                 ttfb: None,
                 result: Err(WarmError::Image("the warm task failed".into())),
+                warning: None,
             })
         })
         .collect()
@@ -350,6 +388,9 @@ pub fn render(results: &[Warmed]) -> String {
             w.manifests,
             ttfb
         );
+        if let Some(warning) = &w.warning {
+            let _ = writeln!(out, "  warning: {warning}");
+        }
     }
     let ok = results.iter().filter(|w| w.result.is_ok()).count();
     let _ = writeln!(
@@ -398,6 +439,22 @@ mod tests {
         }
     }
 
+    const SHA_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[rstest]
+    #[case::not_pinned("alpine:3", SHA_A, None)]
+    #[case::pinned_and_current(&format!("alpine:3@{SHA_A}"), SHA_A, None)]
+    #[case::tag_moved(&format!("alpine:3@{SHA_A}"), SHA_B, Some(format!("docker-hub/library/alpine:3 now points at {SHA_B}, not the pinned {SHA_A}: the pinned image was not warmed")))]
+    fn pinned_digests(#[case] image: &str, #[case] tag_digest: &str, #[case] want: Option<String>) {
+        let t = target(&config(), image).unwrap();
+        let got = pinned_mismatch(&t, tag_digest);
+        match (got, want) {
+            (None, None) => {}
+            (Some(g), Some(w)) => assert!(g.starts_with(&w), "{g}"),
+            (g, w) => panic!("got {g:?}, want {w:?}"),
+        }
+    }
+
     #[rstest]
     #[case::oci_index("application/vnd.oci.image.index.v1+json", r#"{"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"digest":"SHA"},{"digest":"SHA"}]}"#, 2)]
     #[case::docker_list(
@@ -442,6 +499,7 @@ mod tests {
                 manifests: 3,
                 ttfb: Some(Duration::from_millis(42)),
                 result: Ok(2),
+                warning: Some("a warning".into()),
             },
             Warmed {
                 image: "ghcr.io/org/app:1".into(),
@@ -451,11 +509,13 @@ mod tests {
                 result: Err(WarmError::Image(
                     "ghcr.io is not a configured upstream, so it has no pull-through prefix".into(),
                 )),
+                warning: None,
             },
         ];
         let want = "\
 IMAGE                          ECR REPOSITORY             MANIFESTS     TTFB  RESULT
 docker.io/library/alpine:3.19  docker-hub/library/alpine          3     42ms  ok (index, 2 platform manifests)
+  warning: a warning
 ghcr.io/org/app:1              -                                  0        -  FAILED: ghcr.io is not a configured upstream, so it has no pull-through prefix
 1 of 2 images warmed, 3 manifests fetched.
 ";

@@ -13,10 +13,10 @@ use crate::support::pullthrough::TEST_TIMEOUTS;
 use crate::support::registry::Registry;
 use crate::support::{free_port, pullthrough_bin};
 
-/// Runs `pullthrough ecr <args>` with the ECR API pointed at `ecr_api` and no real identity.
-fn ecr(args: &[&str], ecr_api: &str) -> Output {
-    Command::new(pullthrough_bin())
-        .arg("ecr")
+/// `pullthrough ecr <args>` with the ECR API pointed at `ecr_api` and no real identity.
+fn ecr_command(args: &[&str], ecr_api: &str) -> Command {
+    let mut c = Command::new(pullthrough_bin());
+    c.arg("ecr")
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -27,8 +27,14 @@ fn ecr(args: &[&str], ecr_api: &str) -> Output {
         .env("AWS_REGION", "us-east-1")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        // Not a terminal here, so no progress bar: stdout is only the report.
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    c
+}
+
+/// Runs `pullthrough ecr <args>`; not a terminal here, so no progress bar: stdout is only the
+/// report.
+fn ecr(args: &[&str], ecr_api: &str) -> Output {
+    ecr_command(args, ecr_api)
         .output()
         .expect("run pullthrough ecr")
 }
@@ -85,8 +91,10 @@ const CLEANUP_CONFIG: &str = "[ecr]\nregion = \"us-east-1\"\naccount = \"1234567
 async fn cleanup_lists_then_deletes_exactly_the_prefixed_repositories() {
     let moto = Moto::start().await;
     let client = moto_client(&moto);
-    // More than one page's worth (ECR pages at 100), plus neighbours that must survive: a
-    // sibling whose name merely starts with the prefix, and another upstream's.
+    // More than 100 repositories, plus neighbours that must survive: a sibling whose name merely
+    // starts with the prefix, and another upstream's. moto answers DescribeRepositories in one
+    // page whatever maxResults says, so this cannot catch a paging bug; the aws-smithy-mocks
+    // test in src/ecr_ops/cleanup.rs lists and deletes three pages.
     const N: usize = 105;
     for i in 0..N {
         client
@@ -459,30 +467,21 @@ async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CLEANUP_CONFIG);
-    let child = Command::new(pullthrough_bin())
-        .args([
-            "ecr",
+    let child = ecr_command(
+        &[
             "cleanup",
             "--config",
             &config,
             "--prefix",
             "docker-hub",
             "--apply",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("AWS_ENDPOINT_URL_ECR", moto.endpoint())
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        &moto.endpoint(),
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     // Interrupt as soon as the deleting has started.
     crate::support::eventually("the first repository deleted", || {
         let remaining = tokio::task::block_in_place(|| {
@@ -530,4 +529,184 @@ async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
     let mut untouched = untouched;
     untouched.sort();
     assert_eq!(remaining, untouched);
+}
+
+/// The config is shared with the DaemonSet, whose nodes lack the admin's lifecycle policy file:
+/// only `ecr setup`/`ecr check` may read it, relative to the config file.
+#[test]
+fn a_missing_lifecycle_policy_file_fails_only_setup_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[ecr]\nregion = \"us-east-1\"\naccount = \"123456789012\"\n\
+         [upstreams.\"quay.io\"]\nprefix = \"quay\"\n\
+         [ecr_setup.template]\nlifecycle_policy_file = \"lifecycle.json\"\n",
+    );
+    // From another working directory, as the DaemonSet would load it.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(pullthrough_bin())
+        .args(["check-config", "--config", &config])
+        .current_dir(elsewhere.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = ecr(&["setup", "--config", &config], &dead);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let want = format!(
+        "ecr_setup.template.lifecycle_policy_file: {} is not a readable file",
+        dir.path().join("lifecycle.json").display()
+    );
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
+}
+
+/// Ctrl-C while cleanup is still listing (here: an API that never answers) stops it at once,
+/// with nothing deleted.
+#[test]
+fn ctrl_c_while_listing_stops_at_once_with_nothing_deleted() {
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", api.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    let child = ecr_command(
+        &[
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ],
+        &endpoint,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The listing's first call has connected and waits for an answer that never comes.
+    let (_held, _) = api.accept().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted while listing; nothing was deleted"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "");
+}
+
+/// A stand-in ECR API for the one thing neither moto nor a mock can do: a `DeleteRepository`
+/// that never answers. It lists one repository with no images; the delete is held open and
+/// reported on `deleting`.
+fn api_with_a_stuck_delete(deleting: std::sync::mpsc::Sender<()>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", api.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in api.incoming() {
+            let Ok(conn) = conn else { return };
+            let deleting = deleting.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let (mut target, mut length) = (String::new(), 0usize);
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("x-amz-target:") {
+                            target = v.trim().to_owned();
+                        } else if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        } else if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer = if target.ends_with(".describerepositories") {
+                        r#"{"repositories":[{"repositoryName":"docker-hub/stuck"}]}"#
+                    } else if target.ends_with(".describeimages") {
+                        r#"{"imageDetails":[]}"#
+                    } else if target.ends_with(".deleterepository") {
+                        let _ = deleting.send(());
+                        // Held open: the delete is in flight until the process gives up.
+                        let _ = reader.read(&mut [0; 1]);
+                        return;
+                    } else {
+                        "{}"
+                    };
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+/// The first Ctrl-C waits for the delete in flight; a second one exits without it.
+#[test]
+fn a_second_ctrl_c_exits_without_waiting_for_the_delete_in_flight() {
+    let (deleting, delete_started) = std::sync::mpsc::channel();
+    let endpoint = api_with_a_stuck_delete(deleting);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CLEANUP_CONFIG);
+    let mut child = ecr_command(
+        &[
+            "cleanup",
+            "--config",
+            &config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ],
+        &endpoint,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    delete_started
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the delete never started");
+    // Signals sent close together may arrive as one, so keep interrupting until it exits: the
+    // first only stops new deletes, and the delete in flight never ends, so only a later one
+    // can end the process.
+    for _ in 0..300 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        panic!("repeated Ctrl-C did not end cleanup");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("interrupted twice: stopped without waiting for the delete in flight"),
+        "{}",
+        stderr(&out)
+    );
 }
