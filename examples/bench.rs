@@ -182,6 +182,14 @@ impl Nginx {
     }
 }
 
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM, not the guard's SIGKILL: only the master can stop its workers, which would
+        // otherwise live on, orphaned, holding the port.
+        self.child.terminate(Duration::from_secs(5));
+    }
+}
+
 fn nginx_bin() -> PathBuf {
     ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .iter()
@@ -218,6 +226,13 @@ async fn main() -> anyhow::Result<()> {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
+    // `--only blob,fanout,manifests,pulls,footprint`: a subset, for development.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    let section = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
     let command = std::env::var("BENCH_COMMAND").unwrap_or_else(|_| "bench/run".into());
     let _ = rustls::crypto::ring::default_provider().install_default();
     let run_start = Instant::now();
@@ -254,7 +269,9 @@ async fn main() -> anyhow::Result<()> {
     registry.push("library/pullbench", "1", &pull_image).await;
     registry.clear_requests();
 
-    let (mut opts, _dead) = Options::with_dead_servers(&registry.base_url(), &moto.endpoint());
+    let (mut opts, dead) = Options::with_dead_servers(&registry.base_url(), &moto.endpoint());
+    // As deployed: the default timeouts, not the tests' short ones.
+    opts.extra = support::pullthrough::upstreams_toml(Some(&dead));
     // As deployed: info level, so every request writes its access-log line.
     opts.rust_log = "info".into();
     let pt = Pullthrough::start(opts).await;
@@ -282,6 +299,28 @@ async fn main() -> anyhow::Result<()> {
         Some(rss(&stand.proxy_pids(Via::Nginx))),
     ];
 
+    if args.iter().any(|a| a == "--hold") {
+        // For profiling by hand: the stand stays up until Ctrl-C.
+        println!(
+            "registry  {}  (Authorization: {})",
+            stand.registry.base_url(),
+            stand.auth
+        );
+        println!(
+            "pullthrough {}  pid {}  config {}",
+            stand.pt.url(),
+            stand.pt_pid,
+            stand.pt.config_path().display()
+        );
+        println!("nginx     {}", stand.nginx.url());
+        println!(
+            "blob      {blob}\nfan blob  {fan}\nmanifest  {}",
+            small.digest()
+        );
+        println!("ECR API   {}", stand.moto.endpoint());
+        tokio::signal::ctrl_c().await?;
+        return Ok(());
+    }
     let mut results = Results {
         idle_rss,
         ..Results::default()
@@ -303,7 +342,7 @@ async fn main() -> anyhow::Result<()> {
         plan.blob_size / MIB,
         plan.blob_rounds
     ));
-    for round in 0..plan.blob_rounds {
+    for round in 0..plan.blob_rounds * usize::from(section("blob")) {
         for via in ALL {
             let pids = stand.proxy_pids(via);
             let cpu0 = cpu_secs(&pids);
@@ -331,7 +370,7 @@ async fn main() -> anyhow::Result<()> {
         plan.fan_size / MIB,
         plan.fan_rounds
     ));
-    for round in 0..plan.fan_rounds {
+    for round in 0..plan.fan_rounds * usize::from(section("fanout")) {
         for via in ALL {
             let pids = stand.proxy_pids(via);
             let sampler = RssSampler::start(pids.clone());
@@ -369,7 +408,7 @@ async fn main() -> anyhow::Result<()> {
             check_manifest(&stand, via, &url)?;
         }
     }
-    for round in 0..plan.manifest_rounds {
+    for round in 0..plan.manifest_rounds * usize::from(section("manifests")) {
         for (which, reference) in [(0, "1"), (1, digest.as_str())] {
             for (ci, conns) in [1u32, 64].into_iter().enumerate() {
                 for via in ALL {
@@ -404,7 +443,7 @@ async fn main() -> anyhow::Result<()> {
         plan.layer_size / MIB,
         plan.pulls
     ));
-    for round in 0..plan.pulls {
+    for round in 0..plan.pulls * usize::from(section("pulls")) {
         for via in ALL {
             let secs = cri_pull(&stand, via, &pull_image).await?;
             say(&format!("   round {round} {:<12} {secs:.3} s", via.name()));
@@ -425,7 +464,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|m| m.len()),
         std::fs::metadata(nginx_bin()).ok().map(|m| m.len()),
     ];
-    for _ in 0..plan.startups {
+    for _ in 0..plan.startups * usize::from(section("footprint")) {
         let (listen, answer) = startup_pullthrough(&stand).await;
         results.startup_listen.push(Via::Pullthrough, listen);
         results.startup_answer.push(Via::Pullthrough, answer);
