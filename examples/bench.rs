@@ -1248,6 +1248,11 @@ fn render(plan: &Plan, r: &Results, command: &str, load_before: &str, load_after
     let _ = writeln!(md, "\n## Reading\n");
     let _ = writeln!(md, "{}", reading(r, &verdicts));
 
+    if let Ok(notes) = std::fs::read_to_string(repo_root().join("bench/NOTES.md")) {
+        let _ = writeln!(md, "\n## Profiles and what is left\n");
+        let _ = write!(md, "{notes}");
+    }
+
     let _ = writeln!(md, "\n## Method\n");
     let _ = writeln!(
         md,
