@@ -244,7 +244,10 @@ fn init_tracing(format: LogFormat) {
 fn run_serve(config: Config) -> anyhow::Result<bool> {
     // One crypto provider for every TLS client in the process (ours and the AWS SDK's).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: a blob's bytes hop between the ECR connection's task and the client
+    // connection's task, and on a multi-threaded runtime each hop can wake another CPU. One
+    // thread used 16 % less CPU per GiB streamed (bench/NOTES.md); the work is kernel copies.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -20,6 +20,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+/// The most a connection buffers for writing (and for reading a request head). Together with
+/// [`crate::forward::UPSTREAM_READ_BUF`] this bounds the memory of a streamed blob to about
+/// 128 KiB, so many concurrent pulls stay small; hyper's default is 400 KiB.
+pub const MAX_BUF: usize = 64 * 1024;
+
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -61,6 +66,7 @@ pub async fn serve<H: Handler>(
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
+                    .max_buf_size(MAX_BUF)
                     .header_read_timeout(Duration::from_secs(30))
                     .serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
