@@ -51,7 +51,6 @@ pub mod webhook;
 use std::future::Future;
 use std::sync::Arc;
 
-use aws_config::BehaviorVersion;
 use http::Uri;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -107,16 +106,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<bool, ServeError> {
     let config = Arc::new(config);
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http_client);
-    if let Some(r) = &config.ecr.region {
-        loader = loader.region(aws_config::Region::new(r.clone()));
-    }
-    let sdk = loader.load().await;
+    let sdk = sign::sdk_config(&config).await;
     let region = sdk.region().map(|r| r.to_string());
     let base = registry_base(&config.ecr, region.as_deref())?;
     tracing::info!(

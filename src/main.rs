@@ -247,10 +247,7 @@ fn run_serve(config: Config) -> anyhow::Result<bool> {
     // One thread: a blob's bytes hop between the ECR connection's task and the client
     // connection's task, and on a multi-threaded runtime each hop can wake another CPU. One
     // thread used 16 % less CPU per GiB streamed (bench/NOTES.md); the work is kernel copies.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime(false)?;
     runtime.block_on(async move {
         let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
         let mirror = bind(config.listen).await.context("binding `listen`")?;
@@ -309,10 +306,7 @@ fn run_node(
     listen: SocketAddr,
     opts: pullthrough::node::NodeOptions,
 ) -> anyhow::Result<bool> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime(false)?;
     runtime.block_on(async move {
         let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
         let listener = bind(listen).await.context("binding --listen")?;
@@ -336,10 +330,7 @@ fn run_webhook(config: Config) -> anyhow::Result<bool> {
         .ok()
         .filter(|v| !v.is_empty());
     let server = WebhookServer::new(&config, env_region().as_deref(), own_namespace.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime(true)?;
     let w = &config.webhook;
     runtime.block_on(async move {
         let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
@@ -399,4 +390,18 @@ fn run_ecr(config: Config, command: pullthrough::ecr_ops::cli::EcrCommand) -> Ex
             }
         }
     }
+}
+
+/// The async runtime: one thread for the node's long-running processes (the mirror, the node
+/// agent), where it costs the least CPU and memory; several for the webhook.
+fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }

@@ -24,6 +24,23 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
+/// Loads the AWS SDK config the way every command does: the default credential chain (IMDS on a
+/// node, IRSA, Pod Identity), TLS by rustls with ring (the process's one crypto provider), and
+/// `ecr.region` over the chain's region. `AWS_ENDPOINT_URL_ECR` points it elsewhere (tests).
+pub async fn sdk_config(config: &crate::config::Config) -> aws_config::SdkConfig {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader =
+        aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http_client);
+    if let Some(r) = &config.ecr.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    loader.load().await
+}
+
 /// Shortest lifetime we give a token. moto answers `expiresAt = 2015-01-01`, and a real node can
 /// have a skewed clock: either way, trusting `expiresAt` would mean an API call per request.
 pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);

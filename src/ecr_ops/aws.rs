@@ -5,7 +5,6 @@
 //! Tests drive this module with aws-smithy-mocks for the rule, template and registry-policy
 //! APIs (moto has none of them) and with moto for repositories and tokens.
 
-use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_ecr::Client;
 use aws_sdk_ecr::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ecr::types::{
@@ -15,22 +14,7 @@ use aws_sdk_ecr::types::{
 
 use super::EcrOpsError;
 use super::setup::{Op, Plan, RuleSpec, Step, TemplateSpec};
-use crate::config::Config;
-
-/// Loads the SDK config the way `serve` does: default credential chain, rustls with ring, and
-/// `ecr.region` over the chain's region. `AWS_ENDPOINT_URL_ECR` points it elsewhere (tests).
-pub async fn sdk_config(config: &Config) -> SdkConfig {
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http_client);
-    if let Some(r) = &config.ecr.region {
-        loader = loader.region(aws_config::Region::new(r.clone()));
-    }
-    loader.load().await
-}
+pub use crate::sign::sdk_config;
 
 /// Maps an SDK error to a clear one. `op` is the API operation, e.g. `PutRegistryPolicy`.
 pub fn api_error<E>(
@@ -346,6 +330,8 @@ mod tests {
     //! them). [`FakeAccount`] keeps state across calls, so setup can be run twice.
 
     use std::sync::{Arc, Mutex};
+
+    use crate::config::Config;
 
     use aws_sdk_ecr::error::ErrorMetadata;
     use aws_sdk_ecr::operation::create_pull_through_cache_rule::{

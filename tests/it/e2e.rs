@@ -199,16 +199,8 @@ async fn install_pull_remove_restores_the_node_and_pulls_go_upstream() {
     containerd.remove_image(reference).await.unwrap();
 
     // Removed: the hand-written file is back, byte for byte, and nothing else is left.
-    let out = std::process::Command::new(crate::support::pullthrough_bin())
-        .args(["hosts", "--remove", "--dir"])
-        .arg(certs.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = certs.path().as_os_str();
+    crate::support::pullthrough_ok(["hosts".as_ref(), "--remove".as_ref(), "--dir".as_ref(), dir]);
     assert_eq!(
         std::fs::read_to_string(certs.path().join("quay.io/hosts.toml")).unwrap(),
         hand
@@ -269,17 +261,14 @@ async fn skopeo_pulls_through_the_registries_conf_drop_in() {
     let (opts, dead) = Options::with_dead_servers(&ecr.base_url(), &moto.endpoint());
     let pt = Pullthrough::start(opts).await;
 
-    let out = std::process::Command::new(crate::support::pullthrough_bin())
-        .args(["hosts", "--format", "registries-conf", "--config"])
-        .arg(pt.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let conf = String::from_utf8(out.stdout).unwrap();
+    let config = pt.config_path().as_os_str();
+    let conf = crate::support::pullthrough_ok([
+        "hosts".as_ref(),
+        "--format".as_ref(),
+        "registries-conf".as_ref(),
+        "--config".as_ref(),
+        config,
+    ]);
     // If the mirror failed, skopeo would go to `location`: a dead loopback port, never the internet.
     assert!(
         conf.contains(&format!(

@@ -58,6 +58,25 @@ pub fn pullthrough_bin() -> PathBuf {
     profile_dir.join("pullthrough")
 }
 
+/// Runs `pullthrough ARGS…` to completion and returns its stdout; panics with its stderr if it
+/// fails.
+pub fn pullthrough_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(pullthrough_bin())
+        .args(args)
+        .output()
+        .expect("run pullthrough");
+    assert!(
+        out.status.success(),
+        "pullthrough failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A loopback port that was free a moment ago, and never handed out before in this process.
 ///
 /// The listener is dropped before returning, so another process could take the port in
