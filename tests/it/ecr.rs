@@ -70,6 +70,20 @@ fn moto_client(moto: &Moto) -> aws_sdk_ecr::Client {
     aws_sdk_ecr::Client::from_conf(conf)
 }
 
+async fn create_repositories(
+    client: &aws_sdk_ecr::Client,
+    names: impl IntoIterator<Item = String>,
+) {
+    for name in names {
+        client
+            .create_repository()
+            .repository_name(name)
+            .send()
+            .await
+            .expect("create repository");
+    }
+}
+
 async fn repository_names(client: &aws_sdk_ecr::Client) -> Vec<String> {
     let mut names: Vec<String> = client
         .describe_repositories()
@@ -96,22 +110,12 @@ async fn cleanup_lists_then_deletes_exactly_the_prefixed_repositories() {
     // page whatever maxResults says, so this cannot catch a paging bug; the aws-smithy-mocks
     // test in src/ecr_ops/cleanup.rs lists and deletes three pages.
     const N: usize = 105;
-    for i in 0..N {
-        client
-            .create_repository()
-            .repository_name(format!("docker-hub/app-{i:03}"))
-            .send()
-            .await
-            .expect("create repository");
-    }
-    for name in ["docker-hubx/keep", "quay/org/keep"] {
-        client
-            .create_repository()
-            .repository_name(name)
-            .send()
-            .await
-            .expect("create repository");
-    }
+    create_repositories(&client, (0..N).map(|i| format!("docker-hub/app-{i:03}"))).await;
+    create_repositories(
+        &client,
+        ["docker-hubx/keep", "quay/org/keep"].map(String::from),
+    )
+    .await;
     let manifest = Image::small("cleanup").root;
     client
         .put_image()
@@ -457,14 +461,7 @@ async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
     let moto = Moto::start().await;
     let client = moto_client(&moto);
     const N: usize = 300;
-    for i in 0..N {
-        client
-            .create_repository()
-            .repository_name(format!("docker-hub/img-{i:03}"))
-            .send()
-            .await
-            .expect("create repository");
-    }
+    create_repositories(&client, (0..N).map(|i| format!("docker-hub/img-{i:03}"))).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CLEANUP_CONFIG);
     let child = ecr_command(

@@ -572,14 +572,9 @@ async fn https_mutate_and_certificate_rotation() {
     assert_eq!(leaf, pem_cert(&second.join("tls.crt")).to_vec());
 
     // Ops: probes and metrics on plain HTTP.
-    let ops_url = format!("http://127.0.0.1:{ops_port}");
-    let health = crate::support::http::get(&format!("{ops_url}/healthz"), &[])
-        .await
-        .unwrap();
+    let health = ops_get(ops_port, "/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
-    let metrics = crate::support::http::get(&format!("{ops_url}/metrics"), &[])
-        .await
-        .unwrap();
+    let metrics = ops_get(ops_port, "/metrics").await;
     let text = String::from_utf8_lossy(metrics.body()).into_owned();
     for line in [
         "pullthrough_webhook_requests_total{outcome=\"patched\",skip=\"-\"} 3",
@@ -759,13 +754,9 @@ async fn the_webhook_process_serves_skips_its_own_namespace_and_drains_on_sigter
     assert_eq!(status, StatusCode::NOT_FOUND);
     drop(conn);
 
-    let ready = crate::support::http::get(&format!("http://127.0.0.1:{ops_port}/readyz"), &[])
-        .await
-        .unwrap();
+    let ready = ops_get(ops_port, "/readyz").await;
     assert_eq!(ready.status(), StatusCode::OK);
-    let metrics = crate::support::http::get(&format!("http://127.0.0.1:{ops_port}/metrics"), &[])
-        .await
-        .unwrap();
+    let metrics = ops_get(ops_port, "/metrics").await;
     let text = String::from_utf8_lossy(metrics.body()).into_owned();
     assert!(
         text.contains(
@@ -809,4 +800,11 @@ async fn the_webhook_process_serves_skips_its_own_namespace_and_drains_on_sigter
         connect(port, &dir.path().join("ca.crt")).await.is_err(),
         "the listener is closed after exit"
     );
+}
+
+/// `GET path` on the webhook's plain-HTTP ops listener.
+async fn ops_get(ops_port: u16, path: &str) -> http::Response<bytes::Bytes> {
+    crate::support::http::get(&format!("http://127.0.0.1:{ops_port}{path}"), &[])
+        .await
+        .unwrap()
 }
