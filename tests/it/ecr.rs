@@ -31,6 +31,26 @@ fn ecr_command(args: &[&str], ecr_api: &str) -> Command {
     c
 }
 
+/// Starts `pullthrough ecr cleanup --prefix docker-hub --apply` in the background, with its
+/// output captured, for the tests that interrupt it.
+fn spawn_cleanup_apply(config: &str, ecr_api: &str) -> std::process::Child {
+    ecr_command(
+        &[
+            "cleanup",
+            "--config",
+            config,
+            "--prefix",
+            "docker-hub",
+            "--apply",
+        ],
+        ecr_api,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn pullthrough ecr cleanup")
+}
+
 /// Runs `pullthrough ecr <args>`; not a terminal here, so no progress bar: stdout is only the
 /// report.
 fn ecr(args: &[&str], ecr_api: &str) -> Output {
@@ -464,21 +484,7 @@ async fn ctrl_c_during_cleanup_leaves_every_repository_deleted_or_untouched() {
     create_repositories(&client, (0..N).map(|i| format!("docker-hub/img-{i:03}"))).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CLEANUP_CONFIG);
-    let child = ecr_command(
-        &[
-            "cleanup",
-            "--config",
-            &config,
-            "--prefix",
-            "docker-hub",
-            "--apply",
-        ],
-        &moto.endpoint(),
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let child = spawn_cleanup_apply(&config, &moto.endpoint());
     // Interrupt as soon as the deleting has started.
     crate::support::eventually("the first repository deleted", || {
         let remaining = tokio::task::block_in_place(|| {
@@ -567,21 +573,7 @@ fn ctrl_c_while_listing_stops_at_once_with_nothing_deleted() {
     let endpoint = format!("http://{}", api.local_addr().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CLEANUP_CONFIG);
-    let child = ecr_command(
-        &[
-            "cleanup",
-            "--config",
-            &config,
-            "--prefix",
-            "docker-hub",
-            "--apply",
-        ],
-        &endpoint,
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let child = spawn_cleanup_apply(&config, &endpoint);
     // The listing's first call has connected and waits for an answer that never comes.
     let (_held, _) = api.accept().unwrap();
     let status = Command::new("kill")
@@ -664,21 +656,7 @@ fn a_second_ctrl_c_exits_without_waiting_for_the_delete_in_flight() {
     let endpoint = api_with_a_stuck_delete(deleting);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CLEANUP_CONFIG);
-    let mut child = ecr_command(
-        &[
-            "cleanup",
-            "--config",
-            &config,
-            "--prefix",
-            "docker-hub",
-            "--apply",
-        ],
-        &endpoint,
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut child = spawn_cleanup_apply(&config, &endpoint);
     delete_started
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("the delete never started");

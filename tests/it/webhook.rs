@@ -158,13 +158,7 @@ fn a_server_side_dry_run_request_is_patched_like_any_other() {
 #[test]
 fn reinvocation_after_another_webhook_added_a_sidecar_keeps_earlier_originals() {
     let mut review = fixture("already-rewritten.json");
-    let containers = review["request"]["object"]["spec"]["containers"]
-        .as_array_mut()
-        .unwrap();
-    let mut sidecar = containers[0].clone();
-    sidecar["name"] = "mesh-proxy".into();
-    sidecar["image"] = "docker.io/istio/proxyv2:1.24.0".into();
-    containers.push(sidecar);
+    add_sidecar(&mut review["request"]["object"]);
     let (answer, _) =
         mutate::admit(&serde_json::to_vec(&review).unwrap(), &policy(CONFIG)).unwrap();
     let pod = answer_applied(&review, &answer);
@@ -219,13 +213,7 @@ fn dry_run_reinvocation_after_a_sidecar_was_added_updates_the_annotation() {
     let (first, _) = mutate::admit(&serde_json::to_vec(&review).unwrap(), &policy).unwrap();
     let mut again = review.clone();
     again["request"]["object"] = answer_applied(&review, &first);
-    let containers = again["request"]["object"]["spec"]["containers"]
-        .as_array_mut()
-        .unwrap();
-    let mut sidecar = containers[0].clone();
-    sidecar["name"] = "mesh-proxy".into();
-    sidecar["image"] = "docker.io/istio/proxyv2:1.24.0".into();
-    containers.push(sidecar);
+    add_sidecar(&mut again["request"]["object"]);
     let (second, _) = mutate::admit(&serde_json::to_vec(&again).unwrap(), &policy).unwrap();
     let pod = answer_applied(&again, &second);
     let would: Value = serde_json::from_str(
@@ -807,4 +795,14 @@ async fn ops_get(ops_port: u16, path: &str) -> http::Response<bytes::Bytes> {
     crate::support::http::get(&format!("http://127.0.0.1:{ops_port}{path}"), &[])
         .await
         .unwrap()
+}
+
+/// What a second webhook (a service mesh, say) does between two calls: adds a sidecar
+/// container, copied from the first one, with a Docker Hub image.
+fn add_sidecar(pod: &mut serde_json::Value) {
+    let containers = pod["spec"]["containers"].as_array_mut().unwrap();
+    let mut sidecar = containers[0].clone();
+    sidecar["name"] = "mesh-proxy".into();
+    sidecar["image"] = "docker.io/istio/proxyv2:1.24.0".into();
+    containers.push(sidecar);
 }
