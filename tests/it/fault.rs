@@ -25,6 +25,7 @@ use crate::support::containerd::{Containerd, mirror_hosts_toml};
 use crate::support::fault::{
     Mode, Relay, StatusServer, Tmpfs, image_blobs, manifest_hits, served_blobs,
 };
+use crate::support::http::get;
 use crate::support::image::Image;
 use crate::support::moto::{DEFAULT_ACCOUNT, Moto};
 use crate::support::pullthrough::{Options, Pullthrough, TEST_TIMEOUTS, upstreams_toml};
@@ -217,6 +218,18 @@ async fn f02_ecr_refusing_connections_fails_fast_and_pulls_from_upstream() {
     assert_eq!(statuses.len(), fast + 1, "{statuses:?}");
     assert_eq!(metric(&pt, FAST_FAILURES).await, fast as f64);
     assert_eq!(metric(&pt, BREAKER_OPEN).await, 1.0);
+
+    // What containerd got while it was open: an OCI error, 503 UNAVAILABLE.
+    let resp = get(
+        &format!("{}/v2/org/app/manifests/1?ns=quay.io", pt.url()),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+    assert_eq!(v["errors"][0]["code"], "UNAVAILABLE", "{v}");
+    assert_eq!(metric(&pt, FAST_FAILURES).await, fast as f64 + 1.0);
 }
 
 /// 3. The ECR endpoint accepts and never answers: the first request pays the response-header
