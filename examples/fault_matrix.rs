@@ -40,6 +40,7 @@ enum Scenario {
     Absent,
     MissingBlob,
     TokenDown,
+    TokenDownAfterFailure,
 }
 
 impl Scenario {
@@ -53,7 +54,10 @@ impl Scenario {
             Scenario::Status(s) => format!("4. ECR endpoint answers {s}"),
             Scenario::Absent => "5. image not in ECR (404)".into(),
             Scenario::MissingBlob => "6. one layer missing in ECR".into(),
-            Scenario::TokenDown => "7. token API down".into(),
+            Scenario::TokenDown => "7. token API down (pull during the first fetch)".into(),
+            Scenario::TokenDownAfterFailure => {
+                "7. token API down (pull after the first fetch failed)".into()
+            }
         }
     }
 
@@ -80,6 +84,7 @@ const ALL: &[Scenario] = &[
     Scenario::Absent,
     Scenario::MissingBlob,
     Scenario::TokenDown,
+    Scenario::TokenDownAfterFailure,
 ];
 
 struct Stack {
@@ -190,7 +195,9 @@ async fn measure(st: &Stack, s: Scenario, certs: &std::path::Path, c: &Container
             status = Some(srv);
             (url, st.moto.endpoint(), "2s")
         }
-        Scenario::TokenDown => (st.ecr.base_url(), dead.clone(), "2s"),
+        Scenario::TokenDown | Scenario::TokenDownAfterFailure => {
+            (st.ecr.base_url(), dead.clone(), "2s")
+        }
         _ => (st.ecr.base_url(), st.moto.endpoint(), "2s"),
     };
     let mut pt = None;
@@ -210,6 +217,15 @@ async fn measure(st: &Stack, s: Scenario, certs: &std::path::Path, c: &Container
             // Token fetched, as on a node that has been up for a while.
             for _ in 0..100 {
                 if p.ready_status().await == 200 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        if matches!(s, Scenario::TokenDownAfterFailure) {
+            // As on a node whose mirror restarted during the outage a while ago.
+            for _ in 0..200 {
+                if p.log().contains("ECR token fetch failed") {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
