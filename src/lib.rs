@@ -15,7 +15,8 @@
 //! - [`forward`]: the HTTP client to the ECR endpoint and the header allow-lists;
 //! - [`respond`]: the one table that turns errors into statuses and OCI error bodies.
 //!
-//! [`proxy`] strings them together for one request, with [`cache`] for verified manifests and
+//! [`proxy`] strings them together for one request, with [`breaker`] failing fast while the ECR
+//! endpoint refuses or hangs, [`cache`] for verified manifests and
 //! [`accesslog`] for the per-request log line. Around it: [`config`] (raw TOML → validated
 //! [`config::Config`]), [`server`] (accept loop with graceful drain), [`ops`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`metrics`], [`signal`] and [`hosts`] (containerd `hosts.toml`, and
@@ -29,6 +30,7 @@
 //! `main.rs` is only the command line.
 
 pub mod accesslog;
+pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod containerd_config;

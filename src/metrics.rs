@@ -49,6 +49,12 @@ pub struct Metrics {
     pub manifest_cache_hits: Counter,
     /// Manifest requests that had to go to ECR.
     pub manifest_cache_misses: Counter,
+    /// 1 while the circuit breaker towards the ECR endpoint is open ([`crate::breaker`]).
+    pub breaker_open: Gauge,
+    /// Requests answered 503 at once because the breaker was open.
+    pub breaker_fast_failures: Counter,
+    /// Probes the open breaker sent to the ECR endpoint.
+    pub breaker_probes: Counter,
 }
 
 impl Metrics {
@@ -65,6 +71,9 @@ impl Metrics {
             token_seconds_left: Gauge::default(),
             manifest_cache_hits: Counter::default(),
             manifest_cache_misses: Counter::default(),
+            breaker_open: Gauge::default(),
+            breaker_fast_failures: Counter::default(),
+            breaker_probes: Counter::default(),
         };
         let mut r = Registry::with_prefix("pullthrough");
         r.register(
@@ -106,6 +115,21 @@ impl Metrics {
             "manifest_cache_misses",
             "Manifest requests sent to the ECR endpoint",
             m.manifest_cache_misses.clone(),
+        );
+        r.register(
+            "upstream_breaker_open",
+            "1 while the circuit breaker towards the ECR endpoint is open",
+            m.breaker_open.clone(),
+        );
+        r.register(
+            "upstream_breaker_fast_failures",
+            "Requests answered 503 at once because the circuit breaker was open",
+            m.breaker_fast_failures.clone(),
+        );
+        r.register(
+            "upstream_breaker_probes",
+            "Probes of the ECR endpoint while the circuit breaker was open",
+            m.breaker_probes.clone(),
         );
         (m, r)
     }

@@ -42,6 +42,8 @@ impl Ops {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            // Only the token: not the circuit breaker ([`crate::breaker`] says why), so an ECR
+            // outage never makes `pullthrough node` or kubelet take the mirror out.
             // Bounded below kubelet's default 1 s probe timeout: a fetch that takes longer (the
             // SDK retrying) answers "not ready" now rather than a probe timeout later.
             "/readyz" => match tokio::time::timeout(READY_WAIT, self.tokens.get()).await {

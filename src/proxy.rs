@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use crate::accesslog::{Entry, LoggedBody};
+use crate::breaker::Breaker;
 use crate::cache::{CachedManifest, ManifestCache};
 use crate::config::Config;
 use crate::forward::{self, ForwardError, Forwarder, IdleTimeout};
@@ -44,6 +45,8 @@ struct Inner {
     base: Option<Uri>,
     manifests: ManifestCache,
     metrics: Metrics,
+    /// Fails fast while the endpoint refuses or hangs.
+    breaker: Breaker,
 }
 
 /// A successful answer, before logging.
@@ -64,6 +67,7 @@ impl Proxy {
         metrics: Metrics,
     ) -> Self {
         let manifests = ManifestCache::new(config.manifest_cache_bytes);
+        let breaker = Breaker::new(config.breaker, forwarder.clone(), metrics.clone());
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -72,6 +76,7 @@ impl Proxy {
                 base,
                 manifests,
                 metrics,
+                breaker,
             }),
         }
     }
@@ -162,17 +167,26 @@ impl Proxy {
                 .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
             let mut h = headers.clone();
             h.insert(http::header::AUTHORIZATION, token.authorization());
+            self.inner.breaker.admit()?;
             let t0 = Instant::now();
-            let resp = self
-                .inner
-                .forwarder
-                .send(method.clone(), uri, h)
-                .await
-                .map_err(|e| match e {
-                    ForwardError::Timeout(d) => ProxyError::Timeout(d),
-                    ForwardError::Connect(m) => ProxyError::Connect(m),
-                    other => ProxyError::UpstreamIo(other.to_string()),
-                })?;
+            let resp = match self.inner.forwarder.send(method.clone(), uri, h).await {
+                Ok(resp) => {
+                    self.inner.breaker.success();
+                    resp
+                }
+                Err(e) => {
+                    // Only a refused or hung endpoint opens the breaker: both would cost every
+                    // following request of the pull the same wait. Other failures are per request.
+                    if matches!(e, ForwardError::Timeout(_) | ForwardError::Connect(_)) {
+                        self.inner.breaker.failure(&base, &e.to_string());
+                    }
+                    return Err(match e {
+                        ForwardError::Timeout(d) => ProxyError::Timeout(d),
+                        ForwardError::Connect(m) => ProxyError::Connect(m),
+                        other => ProxyError::UpstreamIo(other.to_string()),
+                    });
+                }
+            };
             self.inner
                 .metrics
                 .upstream_latency

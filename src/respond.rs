@@ -11,6 +11,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 
+use crate::breaker::BreakerError;
 use crate::map::MapError;
 use crate::route::RouteError;
 use crate::sign::TokenError;
@@ -122,6 +123,9 @@ pub enum ProxyError {
     /// Could not connect to the ECR endpoint.
     #[error("cannot reach the ECR endpoint: {0}")]
     Connect(String),
+    /// The circuit breaker is open: answered at once, without trying the endpoint.
+    #[error(transparent)]
+    Breaker(#[from] BreakerError),
     /// The ECR endpoint did not answer in time.
     #[error("the ECR endpoint sent no response headers within {0:?}")]
     Timeout(std::time::Duration),
@@ -175,7 +179,7 @@ impl ProxyError {
             },
             // ECR would refuse the name; a 404 sends containerd to the real registry.
             ProxyError::Map(_) => (Downstream, StatusCode::NOT_FOUND, C::NameUnknown),
-            ProxyError::Token(_) | ProxyError::NoEndpoint => {
+            ProxyError::Token(_) | ProxyError::NoEndpoint | ProxyError::Breaker(_) => {
                 (Upstream, StatusCode::SERVICE_UNAVAILABLE, C::Unavailable)
             }
             ProxyError::Connect(_) | ProxyError::UpstreamIo(_) => {
@@ -253,6 +257,12 @@ mod tests {
         Source::Upstream
     )]
     #[case::connect(ProxyError::Connect("refused".into()), 502, "UNKNOWN", Source::Upstream)]
+    #[case::breaker_open(
+        ProxyError::Breaker(BreakerError::Open { next_probe: Duration::from_secs(1) }),
+        503,
+        "UNAVAILABLE",
+        Source::Upstream
+    )]
     #[case::timeout(
         ProxyError::Timeout(Duration::from_secs(1)),
         504,

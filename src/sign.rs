@@ -250,12 +250,26 @@ impl TokenCache {
         if let Some(e) = self.backoff_error(now) {
             return Err(e);
         }
+        // After a failed fetch, no request waits for the next one: the SDK's own retries take seconds (about 2 s against a refused loopback port,
+        // more with connect timeouts or IMDS), every request of every pull would wait with them,
+        // and containerd could be pulling upstream meanwhile (scripts/fault-matrix, scenario 7).
+        // The fetch runs in the background and the next request finds its token.
+        if let Some(last) = self.failing() {
+            self.spawn_refresh();
+            return Err(TokenError::Backoff {
+                retry_in: Duration::ZERO,
+                last,
+            });
+        }
         let inner = Arc::clone(&self.inner);
-        self.inner
+        let token = self
+            .inner
             .cache
             .try_get_with((), async move { inner.fetch().await })
             .await
-            .map_err(|e: Arc<TokenError>| (*e).clone())
+            .map_err(|e: Arc<TokenError>| (*e).clone())?;
+        self.inner.succeeded();
+        Ok(token)
     }
 
     /// The registry refused `stale` (a 401). Returns whether retrying with another token makes
@@ -314,6 +328,13 @@ impl TokenCache {
         })
     }
 
+    /// `Some(why)` if the last fetch failed (and no token has been cached since): then a
+    /// request without a token does not wait for a fetch.
+    fn failing(&self) -> Option<String> {
+        let b = self.inner.backoff.lock().ok()?;
+        (b.failures > 0).then(|| b.last.clone())
+    }
+
     fn spawn_refresh(&self) {
         // After a failed refresh, wait out the backoff: the old token is still good, and a
         // request-rate stream of API calls during an outage is what the backoff is for.
@@ -326,6 +347,8 @@ impl TokenCache {
         tokio::spawn(async move {
             if let Ok(token) = inner.fetch().await {
                 inner.cache.insert((), token).await;
+                // Only now: until the token is in the cache, requests must not start a fetch.
+                inner.succeeded();
             }
             inner.refreshing.store(false, Ordering::Release);
         });
@@ -336,18 +359,21 @@ impl Inner {
     async fn fetch(&self) -> Result<Arc<Token>, TokenError> {
         self.metrics.token_fetches.inc();
         match self.source.fetch().await {
-            Ok(fetched) => {
-                if let Ok(mut b) = self.backoff.lock() {
-                    *b = Backoff::default();
-                }
-                Ok(Arc::new(make_token(fetched)?))
-            }
+            // The backoff is reset by the caller once the token is cached (`succeeded`).
+            Ok(fetched) => Ok(Arc::new(make_token(fetched)?)),
             Err(e) => {
                 self.metrics.token_errors.inc();
                 let delay = self.record_failure(&e);
                 tracing::warn!(error = %e, retry_in = ?delay, "ECR token fetch failed");
                 Err(e)
             }
+        }
+    }
+
+    /// A fetched token is in the cache: forget past failures.
+    fn succeeded(&self) {
+        if let Ok(mut b) = self.backoff.lock() {
+            *b = Backoff::default();
         }
     }
 
@@ -557,7 +583,49 @@ mod tests {
         assert_eq!(fake.calls(), 1);
         fake.fail.store(false, Ordering::SeqCst);
         tokio::time::advance(BACKOFF_BASE).await;
+        // The retry runs in the background; this request does not wait for it.
+        assert!(matches!(cache.get().await, Err(TokenError::Backoff { .. })));
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(cache.get().await.is_ok());
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failure_no_request_waits_for_the_next_fetch() {
+        let fake = Arc::new(Fake {
+            calls: AtomicUsize::new(0),
+            fail: AtomicBool::new(true),
+            ttl: Some(Duration::from_secs(3600)),
+            delay: Duration::from_secs(10),
+        });
+        let cache = cache(&fake);
+        assert!(matches!(cache.get().await, Err(TokenError::Api(_))));
+        tokio::time::advance(BACKOFF_MAX).await;
+        // A slow fetch (10 s) starts in the background; requests meanwhile answer at once (the
+        // paused clock does not move) and start no other fetch.
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            assert!(matches!(cache.get().await, Err(TokenError::Backoff { .. })));
+        }
+        assert_eq!(Instant::now(), t0);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(fake.calls(), 2);
+        // It succeeds: the next request has the token, with no call of its own.
+        fake.fail.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(cache.get().await.is_ok());
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_token_is_refetched_while_the_request_waits() {
+        let fake = Fake::new(Some(Duration::from_secs(3600)));
+        let cache = cache(&fake);
+        let first = cache.get().await.unwrap();
+        assert!(cache.refused(&first).await);
+        // No failure happened: the retry after a 401 waits for its fresh token.
+        let second = cache.get().await.unwrap();
+        assert_ne!(second.authorization(), first.authorization());
         assert_eq!(fake.calls(), 2);
     }
 

@@ -13,6 +13,7 @@
 mod cli;
 mod e2e;
 mod ecr;
+mod fault;
 mod harness;
 mod manifests;
 mod node;

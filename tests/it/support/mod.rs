@@ -13,12 +13,15 @@
 //! - [`containerd`]: a private containerd daemon plus a hand-written CRI
 //!   `ImageService` client and a `ctr` wrapper.
 //! - [`http`]: a one-shot HTTP/1 client for talking to any of the above.
+//! - [`fault`]: a relay that hangs or throttles, a server answering 5xx/429, a tmpfs, and
+//!   readers of where a pull's blobs came from (the fault matrix).
 
 // The harness is shared by every test module; a helper one module needs may
 // be unused by the others, so unused items are expected here.
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod fault;
 pub mod http;
 pub mod image;
 pub mod moto;
