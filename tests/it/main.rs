@@ -17,5 +17,6 @@ mod harness;
 mod manifests;
 mod node;
 mod proxy;
+mod security;
 mod support;
 mod webhook;
