@@ -323,9 +323,19 @@ impl Drop for Evil {
 async fn raw_request(pt: &Pullthrough, raw: &str) -> String {
     let mut conn = tokio::net::TcpStream::connect(pt.host()).await.unwrap();
     conn.write_all(raw.as_bytes()).await.unwrap();
+    // The response head is enough (a CONNECT answer leaves the connection open).
     let mut answer = Vec::new();
+    let read_head = async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
     // Bounds a hang; every request here is answered at once or refused.
-    let _ = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), read_head).await;
     let text = String::from_utf8_lossy(&answer);
     text.lines().next().unwrap_or_default().to_owned()
 }
