@@ -132,6 +132,10 @@ impl Forwarder {
             // Below the ~60 s idle timeout of load balancers and NAT gateways on the way, so a
             // pooled connection is never reused just as the path drops it.
             .pool_idle_timeout(Duration::from_secs(50))
+            // Without a timer the pool only drops an expired connection when it is next checked
+            // out, so after a burst every idle connection stays open for good (bench/soak: 143
+            // file descriptors held after 256 concurrent clients left). The timer closes them.
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(https);
         Ok(Self {
             client,

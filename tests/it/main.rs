@@ -18,5 +18,6 @@ mod harness;
 mod manifests;
 mod node;
 mod proxy;
+mod security;
 mod support;
 mod webhook;

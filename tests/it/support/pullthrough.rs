@@ -63,6 +63,8 @@ pub struct Options {
     pub default_upstream: Option<String>,
     /// `RUST_LOG` for the process.
     pub rust_log: String,
+    /// Extra environment, set after (and so over) the defaults: e.g. other AWS credentials.
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -74,6 +76,7 @@ impl Options {
             extra: format!("{TEST_TIMEOUTS}{}", upstreams_toml(None)),
             default_upstream: None,
             rust_log: "info,aws_config=warn,aws_smithy_runtime=warn".into(),
+            env: Vec::new(),
         }
     }
 
@@ -107,7 +110,13 @@ impl Pullthrough {
             opts.endpoint, opts.extra
         );
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = spawn(dir.path(), &config_path, &opts.ecr_api, &opts.rust_log);
+        let mut child = spawn(
+            dir.path(),
+            &config_path,
+            &opts.ecr_api,
+            &opts.rust_log,
+            &opts.env,
+        );
         child.wait_for_port(port).await;
         child.wait_for_port(ops_port).await;
         Pullthrough {
@@ -165,6 +174,16 @@ impl Pullthrough {
         self.child.stderr()
     }
 
+    /// The process id (for /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it wrote to stdout so far (nothing, normally: logs go to stderr).
+    pub fn stdout(&self) -> String {
+        self.child.stdout()
+    }
+
     /// The JSON access-log lines (one per request) written so far.
     pub fn access_log(&self) -> Vec<serde_json::Value> {
         self.log()
@@ -219,7 +238,13 @@ impl Pullthrough {
     }
 }
 
-fn spawn(dir: &Path, config: &Path, ecr_api: &str, rust_log: &str) -> ChildGuard {
+fn spawn(
+    dir: &Path,
+    config: &Path,
+    ecr_api: &str,
+    rust_log: &str,
+    env: &[(String, String)],
+) -> ChildGuard {
     let mut cmd = Command::new(pullthrough_bin());
     cmd.args(["--log-format", "json", "serve", "--config"])
         .arg(config)
@@ -234,6 +259,7 @@ fn spawn(dir: &Path, config: &Path, ecr_api: &str, rust_log: &str) -> ChildGuard
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     ChildGuard::spawn("pullthrough", &mut cmd, dir)
 }
 
