@@ -20,8 +20,10 @@ use toml::Spanned;
 
 /// Default mirror address: loopback only, so nothing off the node can use the node's ECR identity.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
-/// Default ops address: kubelet probes and Prometheus reach it on the node IP.
-pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:5051";
+/// Default ops address: loopback too, like every listener of a hostNetwork process, so that
+/// nothing is open on the node IP unless the config says so. The DaemonSet's config sets
+/// `0.0.0.0:5051`, because kubelet probes and Prometheus reach the pod on the node IP.
+pub const DEFAULT_OPS_LISTEN: &str = "127.0.0.1:5051";
 
 /// The AWS console's default pull-through rule prefixes, used when the config has no `[upstreams]`.
 pub const DEFAULT_UPSTREAMS: &[(&str, &str)] = &[
@@ -676,7 +678,7 @@ mod tests {
     fn empty_config_uses_console_defaults() {
         let c = load("").unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:5050");
-        assert_eq!(c.ops_listen.to_string(), "0.0.0.0:5051");
+        assert_eq!(c.ops_listen.to_string(), "127.0.0.1:5051");
         let got: Vec<(String, String)> = c
             .upstreams
             .iter()

@@ -82,8 +82,9 @@ enum Command {
         /// containerd's config file, as a host path.
         #[arg(long, default_value = "/etc/containerd/config.toml")]
         containerd_config: String,
-        /// The agent's own /healthz, /readyz and /metrics.
-        #[arg(long, default_value = "0.0.0.0:5052")]
+        /// The agent's own /healthz, /readyz and /metrics. Loopback unless asked: the DaemonSet
+        /// passes `0.0.0.0:5052` for kubelet probes on the node IP.
+        #[arg(long, default_value = "127.0.0.1:5052")]
         listen: SocketAddr,
         /// How often to re-check containerd and re-install the files.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]

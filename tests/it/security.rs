@@ -478,32 +478,39 @@ fn listening_addresses(port: u16) -> Vec<String> {
 
 #[tokio::test]
 async fn the_mirror_listens_on_loopback_by_default() {
-    // The validated default.
+    // The validated defaults: the mirror and the ops pages.
     let config = pullthrough::config::Config::from_toml_str("", "empty.toml").unwrap();
     assert!(config.listen.ip().is_loopback(), "{}", config.listen);
+    assert!(
+        config.ops_listen.ip().is_loopback(),
+        "{}",
+        config.ops_listen
+    );
     let default: SocketAddr = pullthrough::config::DEFAULT_LISTEN.parse().unwrap();
     assert_eq!(config.listen, default);
+    let ops_default: SocketAddr = pullthrough::config::DEFAULT_OPS_LISTEN.parse().unwrap();
+    assert_eq!(config.ops_listen, ops_default);
 
     // And a running `serve` whose config does not say `listen` at all.
     let moto = Moto::start().await;
     let dir = short_tempdir("pt-sec");
-    let ops_port = free_port();
+    let ops_port = ops_default.port();
     let path = dir.path().join("pullthrough.toml");
     std::fs::write(
         &path,
         format!(
-            "ops_listen = \"127.0.0.1:{ops_port}\"\n\n[ecr]\nregion = \"us-east-1\"\n\
-             endpoint = \"http://127.0.0.1:{}\"\n",
+            "[ecr]\nregion = \"us-east-1\"\nendpoint = \"http://127.0.0.1:{}\"\n",
             crate::support::dead_port()
         ),
     )
     .unwrap();
-    let busy = listening_addresses(default.port());
-    assert!(
-        busy.is_empty(),
-        "port {} is already in use ({busy:?}): stop whatever listens there",
-        default.port()
-    );
+    for port in [default.port(), ops_port] {
+        let busy = listening_addresses(port);
+        assert!(
+            busy.is_empty(),
+            "port {port} is already in use ({busy:?}): stop whatever listens there"
+        );
+    }
     let mut child = ChildGuard::spawn(
         "pullthrough",
         Command::new(pullthrough_bin())
@@ -519,13 +526,15 @@ async fn the_mirror_listens_on_loopback_by_default() {
     );
     child.wait_for_port(ops_port).await;
     child.wait_for_port(default.port()).await;
-    // The kernel's view: one listening socket on the port, bound to 127.0.0.1 (0100007F).
-    assert_eq!(
-        listening_addresses(default.port()),
-        ["/proc/net/tcp:0100007F"],
-        "pullthrough {}",
-        child.stderr()
-    );
+    // The kernel's view: one listening socket on each port, bound to 127.0.0.1 (0100007F).
+    for port in [default.port(), ops_port] {
+        assert_eq!(
+            listening_addresses(port),
+            ["/proc/net/tcp:0100007F"],
+            "port {port}: pullthrough {}",
+            child.stderr()
+        );
+    }
     // And the machine's own non-loopback address does not reach it.
     if let Some(ip) = non_loopback_ipv4() {
         let r = tokio::time::timeout(
