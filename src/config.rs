@@ -76,6 +76,8 @@ pub struct RawConfig {
     webhook: crate::webhook::config::RawWebhook,
     #[serde(default)]
     ecr_setup: crate::ecr_ops::settings::RawEcrSetup,
+    #[serde(default)]
+    server: crate::server::RawServer,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +131,8 @@ pub struct Config {
     pub webhook: crate::webhook::config::WebhookConfig,
     /// `[ecr_setup]`: what `pullthrough ecr setup` creates besides the rules.
     pub ecr_setup: crate::ecr_ops::settings::EcrSetup,
+    /// `[server]`: header read timeout and connection limit of each listener.
+    pub server: crate::server::Limits,
 }
 
 /// `[ecr]`: every field may be discovered at run time instead.
@@ -444,6 +448,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             ecr.account.as_deref(),
         )
         .map_err(|e| at.err(&e.span, &e.key, e.message))?;
+        let server = crate::server::validate(&raw.server, at)?;
 
         Ok(Config {
             listen,
@@ -455,6 +460,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             manifest_cache_bytes,
             webhook,
             ecr_setup,
+            server,
         })
     }
 }
