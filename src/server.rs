@@ -48,6 +48,14 @@ use crate::respond::{ErrorCode, ProxyBody};
 /// 128 KiB, so many concurrent pulls stay small; hyper's default is 400 KiB.
 pub const MAX_BUF: usize = 64 * 1024;
 
+/// The largest request head (request line and headers) accepted; a larger one gets 431. A
+/// registry client's head is well under 4 KiB (the longest part is containerd's `Accept` list).
+/// hyper's buffer limit alone lets a head grow past [`MAX_BUF`] when it arrives in few reads.
+pub const MAX_HEAD: usize = 32 * 1024;
+
+/// At most this many header lines (hyper's default, stated here); more get 431.
+pub const MAX_HEADERS: usize = 100;
+
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -380,6 +388,8 @@ where
                             .timer(TokioTimer::new())
                             .keep_alive(false)
                             .max_buf_size(MAX_BUF)
+                            .max_header_size(MAX_HEAD)
+                            .max_headers(MAX_HEADERS)
                             .header_read_timeout(read_timeout)
                             .serve_connection(TokioIo::new(io), svc);
                         let _ = watcher.watch(conn).await;
@@ -408,6 +418,8 @@ where
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .max_buf_size(MAX_BUF)
+                        .max_header_size(MAX_HEAD)
+                        .max_headers(MAX_HEADERS)
                         .header_read_timeout(read_timeout)
                         .serve_connection(TokioIo::new(io), svc);
                     if let Err(e) = watcher.watch(conn).await {

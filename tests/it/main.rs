@@ -10,6 +10,7 @@
 // `#[cfg(test)]` modules, not the helpers in `support`, hence the allow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod abuse;
 mod cli;
 mod e2e;
 mod ecr;

@@ -160,6 +160,11 @@ impl Pullthrough {
         self.dir.path()
     }
 
+    /// The process id, to look at its resources (`/proc/<pid>/fd`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         self.child.stderr()
