@@ -14,6 +14,7 @@ mod abuse;
 mod cli;
 mod e2e;
 mod ecr;
+mod fuzz_regressions;
 mod harness;
 mod manifests;
 mod node;
