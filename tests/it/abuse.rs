@@ -215,6 +215,7 @@ async fn slowloris_and_idle_connections_are_closed_by_the_header_read_timeout() 
         "the server kept reading a head for {lines} lines"
     );
     let got = reader.await.expect("reader");
+    eprintln!("slowloris: closed after {lines} trickled header lines");
     assert!(
         got.is_empty(),
         "a timed-out head gets no answer: {:?}",
@@ -444,6 +445,7 @@ async fn thousands_of_idle_connections_meet_the_connection_limit() {
     let last = flood.last_mut().expect("flood");
     assert!(last.closed().await.is_empty());
     let held = open_fds(pt.pid()).saturating_sub(baseline);
+    eprintln!("connection flood: {held} descriptors above the baseline of {baseline}");
     assert!(
         held <= LIMIT + pullthrough::server::REJECTING_MAX + 4,
         "{held} descriptors held for {LIMIT} admitted connections and a flood of {FLOOD}"
