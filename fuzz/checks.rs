@@ -87,7 +87,7 @@ fn route_one(method: &Method, path: &str, query: Option<&str>, from_uri: bool) {
         let routed = route::route(method, path, query, &config.upstreams, default);
         let api = match routed {
             Err(e) => {
-                assert!(e.to_string().len() < 1024, "unbounded route error: {e}");
+                assert!(e.to_string().len() < 512, "unbounded route error: {e}");
                 continue;
             }
             Ok(Route::Root) => {

@@ -350,10 +350,12 @@ fn key_of_parse_error(message: &str, text: &str, line: usize) -> String {
         .split_once('=')
         .map(|(k, _)| k.trim())
         .filter(|k| !k.is_empty());
+    // An empty `[]` names no table (fuzz target `config` found an error with an empty key).
     let header = |l: &str| {
         let l = l.trim();
         (l.starts_with('[') && l.ends_with(']'))
             .then(|| l.trim_matches(['[', ']']).trim().to_owned())
+            .filter(|t| !t.is_empty())
     };
     // A missing field is reported at its table's header line: that header is the table.
     let table = header(this).or_else(|| lines[..idx].iter().rev().find_map(|l| header(l)));
@@ -841,6 +843,10 @@ max_bytes = 1024
     )]
     #[case::syntax("listen = \n", "pullthrough.toml:1: listen:")]
     #[case::unclosed_table("[ecr\n", "pullthrough.toml:1: (syntax):")]
+    #[case::empty_table_then_bare_key(
+        "[]\nexc2\n",
+        "pullthrough.toml:2: (syntax): key with no value"
+    )]
     #[case::wrong_type_in_table(
         "[timeouts]\nconnect = 3\n",
         "pullthrough.toml:2: timeouts.connect: invalid type"
