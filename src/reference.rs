@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use crate::config::{Registry, Upstream};
@@ -263,7 +263,13 @@ fn parse_domain(d: &str) -> Result<Domain, ReferenceError> {
     let (host, port) = if d.starts_with('[') {
         let close = d.find(']').ok_or_else(bad)?;
         let inside = &d[1..close];
-        if inside.is_empty() || !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
+        // distribution's grammar takes any run of hex digits and colons; only a real IPv6
+        // address is taken here. `[FFFF]` (a registry only through its upper case) would
+        // otherwise normalize to `[ffff]`, which reads back as a Docker Hub name, and is no
+        // host anyway (found by the `reference` fuzz target).
+        if !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':')
+            || inside.parse::<Ipv6Addr>().is_err()
+        {
             return Err(bad());
         }
         let after = &d[close + 1..];
@@ -700,6 +706,8 @@ mod tests {
     #[case::underscore_host("my_registry.io/x", Err("Registry"))]
     #[case::bad_ipv6("[zz::1]/x", Err("Registry"))]
     #[case::ipv6_junk_after_bracket("[::1]x/y", Err("Registry"))]
+    #[case::ipv6_not_an_address("[FFFF]/y", Err("Registry"))]
+    #[case::ipv6_too_many_groups("[1:2:3:4:5:6:7:8:9]/y", Err("Registry"))]
     #[case::scheme("https://nginx", Err("Registry"))]
     #[case::space("nginx latest", Err("Name"))]
     #[case::leading_slash("/nginx", Err("Name"))]
