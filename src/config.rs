@@ -80,6 +80,7 @@ pub struct RawConfig {
     ecr_setup: crate::ecr_ops::settings::RawEcrSetup,
     #[serde(default)]
     breaker: crate::breaker::RawBreaker,
+    server: crate::server::RawServer,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +136,8 @@ pub struct Config {
     pub ecr_setup: crate::ecr_ops::settings::EcrSetup,
     /// `[breaker]`: failing fast while the ECR endpoint refuses or hangs.
     pub breaker: crate::breaker::BreakerConfig,
+    /// `[server]`: header read timeout and connection limit of each listener.
+    pub server: crate::server::Limits,
 }
 
 /// `[ecr]`: every field may be discovered at run time instead.
@@ -344,18 +347,23 @@ fn key_of_parse_error(message: &str, text: &str, line: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let idx = line.saturating_sub(1).min(lines.len());
     let this = lines.get(idx).copied().unwrap_or("").trim();
+    // An empty quoted key (`'' = 1`) is named as ``: then the key as written on the line is
+    // clearer (fuzz target `config` found an error with an empty key).
     let named = message
         .split('`')
         .nth(1)
+        .filter(|k| !k.is_empty())
         .filter(|_| message.contains("unknown field") || message.contains("missing field"));
     let on_line = this
         .split_once('=')
         .map(|(k, _)| k.trim())
         .filter(|k| !k.is_empty());
+    // An empty `[]` names no table (fuzz target `config` found an error with an empty key).
     let header = |l: &str| {
         let l = l.trim();
         (l.starts_with('[') && l.ends_with(']'))
             .then(|| l.trim_matches(['[', ']']).trim().to_owned())
+            .filter(|t| !t.is_empty())
     };
     // A missing field is reported at its table's header line: that header is the table.
     let table = header(this).or_else(|| lines[..idx].iter().rev().find_map(|l| header(l)));
@@ -451,6 +459,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
         )
         .map_err(|e| at.err(&e.span, &e.key, e.message))?;
         let breaker = crate::breaker::validate(&raw.breaker, at)?;
+        let server = crate::server::validate(&raw.server, at)?;
 
         Ok(Config {
             listen,
@@ -463,6 +472,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             webhook,
             ecr_setup,
             breaker,
+            server,
         })
     }
 }
@@ -843,6 +853,11 @@ max_bytes = 1024
     )]
     #[case::syntax("listen = \n", "pullthrough.toml:1: listen:")]
     #[case::unclosed_table("[ecr\n", "pullthrough.toml:1: (syntax):")]
+    #[case::empty_quoted_key("'' ='3'\n", "pullthrough.toml:1: '': unknown field ``")]
+    #[case::empty_table_then_bare_key(
+        "[]\nexc2\n",
+        "pullthrough.toml:2: (syntax): key with no value"
+    )]
     #[case::wrong_type_in_table(
         "[timeouts]\nconnect = 3\n",
         "pullthrough.toml:2: timeouts.connect: invalid type"

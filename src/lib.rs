@@ -145,14 +145,22 @@ pub async fn serve(
         trigger.cancel();
     });
     let grace = config.timeouts.shutdown;
+    let limits = config.server;
     let (mirror_done, ops_done) = tokio::join!(
-        server::serve(
+        server::serve_limited(
             mirror,
             Arc::new(proxy),
             stop.clone().cancelled_owned(),
-            grace
+            grace,
+            limits,
         ),
-        server::serve(ops, Arc::new(ops_handler), stop.cancelled_owned(), grace),
+        server::serve_limited(
+            ops,
+            Arc::new(ops_handler),
+            stop.cancelled_owned(),
+            grace,
+            limits,
+        ),
     );
     Ok(mirror_done && ops_done)
 }

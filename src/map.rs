@@ -76,6 +76,9 @@ pub fn map(req: &ApiRequest, upstream: &Upstream) -> Result<Target, MapError> {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::route::{Digest, Reference};

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use crate::config::{Registry, Upstream};
@@ -94,9 +94,19 @@ impl Domain {
     }
 }
 
+/// The domain as written in a reference: [`Domain::as_str`], except that a single-label host
+/// other than `localhost` keeps an explicit `:443`. Written bare, `quay/x` (from `Quay/x`, whose
+/// upper case made it a registry) would read back as the Docker Hub image `docker.io/quay/x`:
+/// a first component only names a registry with a `.`, a `:`, upper case, or as `localhost`.
+/// Found by the `reference` fuzz target (a normalized form that did not parse back to itself).
 impl fmt::Display for Domain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            Domain::Name(r) if !r.as_str().contains(['.', ':']) && r.as_str() != "localhost" => {
+                write!(f, "{r}:443")
+            }
+            _ => f.write_str(self.as_str()),
+        }
     }
 }
 
@@ -253,7 +263,13 @@ fn parse_domain(d: &str) -> Result<Domain, ReferenceError> {
     let (host, port) = if d.starts_with('[') {
         let close = d.find(']').ok_or_else(bad)?;
         let inside = &d[1..close];
-        if inside.is_empty() || !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
+        // distribution's grammar takes any run of hex digits and colons; only a real IPv6
+        // address is taken here. `[FFFF]` (a registry only through its upper case) would
+        // otherwise normalize to `[ffff]`, which reads back as a Docker Hub name, and is no
+        // host anyway (found by the `reference` fuzz target).
+        if !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':')
+            || inside.parse::<Ipv6Addr>().is_err()
+        {
             return Err(bad());
         }
         let after = &d[close + 1..];
@@ -623,7 +639,10 @@ mod tests {
     )]
     #[case::hub_nested("a/b/c:1", Ok("docker.io/a/b/c:1"))]
     #[case::hub_upper_registry("Docker.IO/nginx", Ok("docker.io/library/nginx:latest"))]
-    #[case::upper_first_component_is_a_registry("Quay/x", Ok("quay/x:latest"))]
+    #[case::upper_first_component_is_a_registry("Quay/x", Ok("quay:443/x:latest"))]
+    #[case::single_label_443_kept_in_print("quay:443/x", Ok("quay:443/x:latest"))]
+    #[case::single_label_other_port("quay:5000/x", Ok("quay:5000/x:latest"))]
+    #[case::localhost_443("localhost:443/x", Ok("localhost/x:latest"))]
     #[case::tag_keeps_case("nginx:Alpine-3.19_RC1", Ok("docker.io/library/nginx:Alpine-3.19_RC1"))]
     #[case::tag_and_digest(&format!("nginx:1.27@{SHA}"), Ok(leak(format!("docker.io/library/nginx:1.27@{SHA}"))))]
     #[case::digest_only_gets_no_tag(&format!("nginx@{SHA}"), Ok(leak(format!("docker.io/library/nginx@{SHA}"))))]
@@ -687,6 +706,8 @@ mod tests {
     #[case::underscore_host("my_registry.io/x", Err("Registry"))]
     #[case::bad_ipv6("[zz::1]/x", Err("Registry"))]
     #[case::ipv6_junk_after_bracket("[::1]x/y", Err("Registry"))]
+    #[case::ipv6_not_an_address("[FFFF]/y", Err("Registry"))]
+    #[case::ipv6_too_many_groups("[1:2:3:4:5:6:7:8:9]/y", Err("Registry"))]
     #[case::scheme("https://nginx", Err("Registry"))]
     #[case::space("nginx latest", Err("Name"))]
     #[case::leading_slash("/nginx", Err("Name"))]
@@ -698,6 +719,10 @@ mod tests {
     fn normalizes(#[case] input: &str, #[case] want: Result<&str, &str>) {
         let want = want.map(str::to_owned).map_err(str::to_owned);
         assert_eq!(normalized(input), want, "{input:?}");
+        // The normalized form names the same image: it normalizes to itself.
+        if let Ok(n) = want {
+            assert_eq!(normalized(&n), Ok(n.clone()), "{input:?} → {n:?}");
+        }
     }
 
     #[test]

@@ -215,18 +215,30 @@ impl ProxyError {
             Source::Upstream => tracing::debug!(error = %self, "upstream error"),
             Source::Downstream => tracing::debug!(error = %self, "refused request"),
         }
-        let body = serde_json::json!({
-            "errors": [{ "code": code.as_str(), "message": self.to_string(), "detail": null }]
-        })
-        .to_string();
-        let mut resp = Response::new(if head { empty() } else { full(body.clone()) });
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
-        resp
+        error_response(status, code, &self.to_string(), head)
     }
+}
+
+/// An OCI error response: `status`, and `{"errors":[{code,message,detail}]}` (headers only for
+/// HEAD). [`ProxyError::into_response`] and the server's own refusals
+/// ([`crate::server::Refused`]) both answer through it.
+pub fn error_response(
+    status: StatusCode,
+    code: ErrorCode,
+    message: &str,
+    head: bool,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "errors": [{ "code": code.as_str(), "message": message, "detail": null }]
+    })
+    .to_string();
+    let mut resp = Response::new(if head { empty() } else { full(body.clone()) });
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
+    resp
 }
 
 #[cfg(test)]

@@ -10,10 +10,12 @@
 // `#[cfg(test)]` modules, not the helpers in `support`, hence the allow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod abuse;
 mod cli;
 mod e2e;
 mod ecr;
 mod fault;
+mod fuzz_regressions;
 mod harness;
 mod manifests;
 mod node;

@@ -169,14 +169,14 @@ impl Pullthrough {
         self.dir.path()
     }
 
+    /// The process id, to look at its resources (`/proc/<pid>/fd`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         self.child.stderr()
-    }
-
-    /// The process id (for /proc).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// Everything it wrote to stdout so far (nothing, normally: logs go to stderr).
