@@ -75,22 +75,7 @@ impl Default for BreakerConfig {
 
 /// Validates `[breaker]`.
 pub(crate) fn validate(raw: &RawBreaker, at: Locator<'_>) -> Result<BreakerConfig, ConfigError> {
-    let cooldown = match &raw.cooldown {
-        None => DEFAULT_COOLDOWN,
-        Some(s) => match humantime::parse_duration(s.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            _ => {
-                return Err(at.err(
-                    &s.span(),
-                    "breaker.cooldown",
-                    format!(
-                        "{:?} is not a positive duration, e.g. \"5s\" or \"500ms\"",
-                        s.get_ref()
-                    ),
-                ));
-            }
-        },
-    };
+    let cooldown = at.positive_duration(&raw.cooldown, "breaker.cooldown", DEFAULT_COOLDOWN)?;
     Ok(BreakerConfig { cooldown })
 }
 

@@ -80,6 +80,7 @@ pub struct RawConfig {
     ecr_setup: crate::ecr_ops::settings::RawEcrSetup,
     #[serde(default)]
     breaker: crate::breaker::RawBreaker,
+    #[serde(default)]
     server: crate::server::RawServer,
 }
 
@@ -314,6 +315,31 @@ impl Locator<'_> {
         }
     }
 
+    /// A positive duration such as `"5s"` or `"500ms"`, or `default` when the key is absent. The
+    /// error's example is the default, so it reads as a value to copy.
+    pub(crate) fn positive_duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(s) = value else {
+            return Ok(default);
+        };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(self.err(
+                &s.span(),
+                key,
+                format!(
+                    "{:?} is not a positive duration, e.g. \"{}\" or \"500ms\"",
+                    s.get_ref(),
+                    humantime::format_duration(default)
+                ),
+            )),
+        }
+    }
+
     /// An `IP:port` value, or `default` when the key is absent. `example` goes into the error.
     pub(crate) fn socket_addr(
         &self,
@@ -415,19 +441,8 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
         };
 
         let defaults = Timeouts::default();
-        let dur = |v: &Option<Spanned<String>>, key: &str, default: Duration| match v {
-            None => Ok(default),
-            Some(s) => match humantime::parse_duration(s.get_ref()) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                _ => Err(at.err(
-                    &s.span(),
-                    key,
-                    format!(
-                        "{:?} is not a positive duration, e.g. \"3s\" or \"500ms\"",
-                        s.get_ref()
-                    ),
-                )),
-            },
+        let dur = |v: &Option<Spanned<String>>, key: &str, default: Duration| {
+            at.positive_duration(v, key, default)
         };
         let timeouts = Timeouts {
             connect: dur(&raw.timeouts.connect, "timeouts.connect", defaults.connect)?,

@@ -113,22 +113,11 @@ impl Default for Limits {
 /// Validates `[server]`.
 pub(crate) fn validate(raw: &RawServer, at: Locator<'_>) -> Result<Limits, ConfigError> {
     let defaults = Limits::default();
-    let header_read_timeout = match &raw.header_read_timeout {
-        None => defaults.header_read_timeout,
-        Some(s) => match humantime::parse_duration(s.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            _ => {
-                return Err(at.err(
-                    &s.span(),
-                    "server.header_read_timeout",
-                    format!(
-                        "{:?} is not a positive duration, e.g. \"30s\" or \"500ms\"",
-                        s.get_ref()
-                    ),
-                ));
-            }
-        },
-    };
+    let header_read_timeout = at.positive_duration(
+        &raw.header_read_timeout,
+        "server.header_read_timeout",
+        defaults.header_read_timeout,
+    )?;
     let max_connections = match &raw.max_connections {
         None => defaults.max_connections,
         Some(n) => usize::try_from(*n.get_ref())
