@@ -109,6 +109,10 @@ pub enum Transition {
 pub struct Machine {
     state: State,
     cooldown: Duration,
+    /// Counts openings. A probe task belongs to one opening: if the breaker closed and opened
+    /// again meanwhile, the new opening has its own task, and the old one must stop rather than
+    /// probe (and reschedule) on the old timetable beside it.
+    opening: u64,
 }
 
 impl Machine {
@@ -117,6 +121,21 @@ impl Machine {
         Self {
             state: State::Closed,
             cooldown,
+            opening: 0,
+        }
+    }
+
+    /// The current opening, for the probe task that the `Opened` transition starts.
+    pub fn opening(&self) -> u64 {
+        self.opening
+    }
+
+    /// When the probe task of `opening` should probe next, or `None` if that task should end:
+    /// the breaker closed, or it closed and opened again (another task's turn).
+    pub fn probe_due(&self, opening: u64) -> Option<Instant> {
+        match self.state {
+            State::Open { probe_at } if opening == self.opening => Some(probe_at),
+            _ => None,
         }
     }
 
@@ -142,6 +161,7 @@ impl Machine {
                 self.state = State::Open {
                     probe_at: now + self.cooldown,
                 };
+                self.opening = self.opening.wrapping_add(1);
                 Transition::Opened
             }
             // Requests sent before it opened fail late; they change nothing.
@@ -160,10 +180,12 @@ impl Machine {
         }
     }
 
-    /// The probe failed: stay open, probe again after another cool-down.
-    pub fn probe_failed(&mut self, now: Instant) -> Transition {
+    /// The probe of `opening` failed: stay open, probe again after another cool-down.
+    pub fn probe_failed(&mut self, now: Instant, opening: u64) -> Transition {
         match self.state {
-            // A request succeeded meanwhile; that wins.
+            // A request succeeded meanwhile, and maybe another failure opened it again with a
+            // task of its own: a late answer to an old probe changes nothing.
+            State::Open { .. } if opening != self.opening => Transition::Unchanged,
             State::Closed => Transition::Unchanged,
             State::Open { .. } => {
                 self.state = State::Open {
@@ -223,29 +245,31 @@ impl Breaker {
 
     /// A connect failure or a timeout towards `base`: opens the breaker and starts probing.
     pub fn failure(&self, base: &Uri, error: &str) {
-        if self.with(|m| m.failure(Instant::now())) == Transition::Opened {
+        let (transition, opening) = self.with(|m| (m.failure(Instant::now()), m.opening()));
+        if transition == Transition::Opened {
             self.metrics.breaker_open.set(1);
             tracing::warn!(%error, "ECR endpoint failed; circuit breaker open, failing fast");
             let me = self.clone();
             let base = base.clone();
-            tokio::spawn(async move { me.probe(base).await });
+            tokio::spawn(async move { me.probe(base, opening).await });
         }
     }
 
-    /// Probes until the breaker closes. Exactly one runs per opening, since only the
-    /// `Opened` transition starts one and only `Closed` ends it.
-    async fn probe(self, base: Uri) {
+    /// Probes until the breaker closes. One task runs per opening: only the `Opened` transition
+    /// starts one, and a task ends as soon as its opening is over (closed, or closed and opened
+    /// again, which started the next task).
+    async fn probe(self, base: Uri, opening: u64) {
         let Some(uri) = forward::upstream_uri(&base, PROBE_PATH) else {
             // Cannot happen for a base the proxy just used; never stay open for it.
             self.success();
             return;
         };
         loop {
-            let State::Open { probe_at } = self.with(|m| m.state()) else {
+            let Some(probe_at) = self.with(|m| m.probe_due(opening)) else {
                 return;
             };
             tokio::time::sleep_until(tokio::time::Instant::from_std(probe_at)).await;
-            if self.with(|m| m.state()) == State::Closed {
+            if self.with(|m| m.probe_due(opening)).is_none() {
                 return;
             }
             self.metrics.breaker_probes.inc();
@@ -257,7 +281,7 @@ impl Breaker {
                 Ok(_) => self.success(),
                 Err(e) => {
                     tracing::debug!(error = %e, "circuit breaker probe failed");
-                    self.with(|m| m.probe_failed(Instant::now()));
+                    self.with(|m| m.probe_failed(Instant::now(), opening));
                 }
             }
         }
@@ -276,6 +300,8 @@ mod tests {
         Fail(u64),
         Ok,
         ProbeFail(u64),
+        /// A probe of the previous opening fails late.
+        StaleProbeFail(u64),
     }
 
     /// Applies events (times in seconds from `t0`), returns the transitions and the final state.
@@ -288,7 +314,14 @@ mod tests {
             .map(|e| match *e {
                 Ev::Fail(s) => m.failure(at(s)),
                 Ev::Ok => m.success(),
-                Ev::ProbeFail(s) => m.probe_failed(at(s)),
+                Ev::ProbeFail(s) => {
+                    let o = m.opening();
+                    m.probe_failed(at(s), o)
+                }
+                Ev::StaleProbeFail(s) => {
+                    let o = m.opening().wrapping_sub(1);
+                    m.probe_failed(at(s), o)
+                }
             })
             .collect();
         (ts, m, t0)
@@ -304,6 +337,7 @@ mod tests {
     #[case::success_when_closed_is_nothing(&[Ev::Ok], &[T::Unchanged], None)]
     #[case::probe_failure_reschedules(&[Ev::Fail(0), Ev::ProbeFail(7)], &[T::Opened, T::Reprobe], Some(12))]
     #[case::late_probe_failure_after_close(&[Ev::Fail(0), Ev::Ok, Ev::ProbeFail(7)], &[T::Opened, T::Closed, T::Unchanged], None)]
+    #[case::stale_probe_failure_keeps_the_new_deadline(&[Ev::Fail(0), Ev::Ok, Ev::Fail(20), Ev::StaleProbeFail(22)], &[T::Opened, T::Closed, T::Opened, T::Unchanged], Some(25))]
     #[case::reopens_after_close(&[Ev::Fail(0), Ev::Ok, Ev::Fail(20)], &[T::Opened, T::Closed, T::Opened], Some(25))]
     fn transitions(
         #[case] events: &[Ev],
@@ -319,6 +353,27 @@ mod tests {
             },
         };
         assert_eq!(m.state(), want_state);
+    }
+
+    #[test]
+    fn only_the_current_openings_task_probes() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(COOL);
+        assert_eq!(m.probe_due(m.opening()), None);
+        m.failure(t0);
+        let first = m.opening();
+        assert_eq!(m.probe_due(first), Some(t0 + COOL));
+        m.success();
+        assert_eq!(m.probe_due(first), None);
+        m.failure(t0 + Duration::from_secs(1));
+        let second = m.opening();
+        assert_ne!(first, second);
+        // The first opening's task, waking now, must end; the second one's probes.
+        assert_eq!(m.probe_due(first), None);
+        assert_eq!(
+            m.probe_due(second),
+            Some(t0 + Duration::from_secs(1) + COOL)
+        );
     }
 
     #[rstest]

@@ -48,6 +48,11 @@ pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest one `GetAuthorizationToken` may take, the SDK's own retries included. The SDK sets
+/// only a connect timeout by default, so a token API (or IMDS, or STS) that accepts and never
+/// answers would otherwise hold every request without a token, and the one background refresh,
+/// for good: pulls would hang instead of falling back, and nothing would ever fetch again.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one token refetch per this interval because the registry refused a token. A 401
 /// that no fresh token fixes (a missing permission, say) must not cost an API call per request.
 pub const REFUSAL_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -61,6 +66,9 @@ pub enum TokenError {
     /// The API answered without a usable token.
     #[error("GetAuthorizationToken returned no usable authorization data")]
     Empty,
+    /// The call took longer than [`FETCH_TIMEOUT`].
+    #[error("GetAuthorizationToken took longer than {0:?}")]
+    Timeout(Duration),
     /// A recent fetch failed; we do not call the API again until the backoff has passed.
     #[error("token unavailable (retrying in {retry_in:?}): {last}")]
     Backoff {
@@ -358,7 +366,10 @@ impl TokenCache {
 impl Inner {
     async fn fetch(&self) -> Result<Arc<Token>, TokenError> {
         self.metrics.token_fetches.inc();
-        match self.source.fetch().await {
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.source.fetch())
+            .await
+            .unwrap_or(Err(TokenError::Timeout(FETCH_TIMEOUT)));
+        match fetched {
             // The backoff is reset by the caller once the token is cached (`succeeded`).
             Ok(fetched) => Ok(Arc::new(make_token(fetched)?)),
             Err(e) => {
@@ -596,12 +607,12 @@ mod tests {
             calls: AtomicUsize::new(0),
             fail: AtomicBool::new(true),
             ttl: Some(Duration::from_secs(3600)),
-            delay: Duration::from_secs(10),
+            delay: FETCH_TIMEOUT / 2,
         });
         let cache = cache(&fake);
         assert!(matches!(cache.get().await, Err(TokenError::Api(_))));
         tokio::time::advance(BACKOFF_MAX).await;
-        // A slow fetch (10 s) starts in the background; requests meanwhile answer at once (the
+        // A slow fetch (half the timeout) starts in the background; requests meanwhile answer at once (the
         // paused clock does not move) and start no other fetch.
         let t0 = Instant::now();
         for _ in 0..20 {
@@ -612,9 +623,35 @@ mod tests {
         assert_eq!(fake.calls(), 2);
         // It succeeds: the next request has the token, with no call of its own.
         fake.fail.store(false, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_secs(11)).await;
+        tokio::time::sleep(FETCH_TIMEOUT).await;
         assert!(cache.get().await.is_ok());
         assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_api_that_never_answers_times_out_and_is_retried() {
+        let fake = Arc::new(Fake {
+            calls: AtomicUsize::new(0),
+            fail: AtomicBool::new(false),
+            ttl: Some(Duration::from_secs(3600)),
+            delay: Duration::from_secs(24 * 3600),
+        });
+        let cache = cache(&fake);
+        // Cold: the request gets an error after the timeout, not a wait of a day.
+        let t0 = Instant::now();
+        assert!(matches!(cache.get().await, Err(TokenError::Timeout(_))));
+        assert_eq!(Instant::now() - t0, FETCH_TIMEOUT);
+        assert_eq!(fake.calls(), 1);
+        // The background retry hangs too; it times out as well and does not stay "refreshing"
+        // for good, so a later request starts another one.
+        tokio::time::advance(BACKOFF_MAX).await;
+        assert!(matches!(cache.get().await, Err(TokenError::Backoff { .. })));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(fake.calls(), 2);
+        tokio::time::sleep(FETCH_TIMEOUT + BACKOFF_MAX).await;
+        assert!(matches!(cache.get().await, Err(TokenError::Backoff { .. })));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(fake.calls(), 3);
     }
 
     #[tokio::test(start_paused = true)]
