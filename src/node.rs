@@ -183,11 +183,12 @@ pub async fn run(
         registry,
     });
     let stop = CancellationToken::new();
-    let ops_server = tokio::spawn(server::serve(
+    let ops_server = tokio::spawn(server::serve_limited(
         listener,
         handler,
         stop.clone().cancelled_owned(),
         Duration::from_secs(1),
+        config.server,
     ));
     let result = tokio::select! {
         r = work(&config, &opts, &status, &metrics) => r,

@@ -282,16 +282,17 @@ pub async fn serve_limited<H: Handler>(
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// [`serve`] over TLS: each accepted connection is handshaken with `acceptor` (in its own task,
-/// so a slow client holds up no one) and then served like a plain one. Drains the same way.
+/// [`serve_limited`] over TLS: each accepted connection is handshaken with `acceptor` (in its
+/// own task, so a slow client holds up no one) and then served like a plain one. Drains the same
+/// way.
 pub async fn serve_tls<H: Handler>(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     handler: Arc<H>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    limits: Limits,
 ) -> bool {
-    let limits = Limits::default();
     serve_with(
         listener,
         handler,

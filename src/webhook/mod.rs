@@ -420,6 +420,7 @@ pub struct WebhookServer {
     ops: WebhookOps,
     cert: Arc<ReloadingCert>,
     grace: Duration,
+    limits: crate::server::Limits,
 }
 
 impl WebhookServer {
@@ -462,6 +463,7 @@ impl WebhookServer {
             ops: WebhookOps::new(registry),
             cert: Arc::new(cert),
             grace: config.timeouts.shutdown,
+            limits: config.server,
         })
     }
 
@@ -496,8 +498,15 @@ impl WebhookServer {
                 Arc::new(self.webhook),
                 stop.clone().cancelled_owned(),
                 self.grace,
+                self.limits,
             ),
-            server::serve(ops, Arc::new(self.ops), stop.cancelled_owned(), self.grace),
+            server::serve_limited(
+                ops,
+                Arc::new(self.ops),
+                stop.cancelled_owned(),
+                self.grace,
+                self.limits,
+            ),
         );
         Ok(https_done && ops_done)
     }
