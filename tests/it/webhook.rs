@@ -806,3 +806,60 @@ fn add_sidecar(pod: &mut serde_json::Value) {
     sidecar["image"] = "docker.io/istio/proxyv2:1.24.0".into();
     containers.push(sidecar);
 }
+
+/// `[server]` reaches the webhook's listeners: with one connection allowed, a second one to the
+/// ops port is refused with 503 while the first is open, as on the mirror.
+#[tokio::test]
+async fn the_webhook_applies_the_server_connection_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), &[]);
+    let (port, ops_port) = (free_port(), free_port());
+    let config = format!(
+        "{CONFIG}listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\
+         cert_file = \"{}\"\nkey_file = \"{}\"\n\n[server]\nmax_connections = 1\n",
+        dir.path().join("tls.crt").display(),
+        dir.path().join("tls.key").display()
+    );
+    let config = Config::from_toml_str(&config, "test.toml").unwrap();
+    let server = WebhookServer::new(&config, None, Some("pullthrough")).unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let ops = tokio::net::TcpListener::bind(("127.0.0.1", ops_port))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(listener, ops, async move {
+        let _ = stopped.await;
+    }));
+
+    let request = b"GET /healthz HTTP/1.1\r\nHost: webhook\r\n\r\n";
+    let guard = std::time::Duration::from_secs(30);
+    // The first connection is admitted, and kept open (keep-alive) so it holds the one slot.
+    let mut held = TcpStream::connect(("127.0.0.1", ops_port)).await.unwrap();
+    held.write_all(request).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(guard, held.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // The second is over the limit: 503, then closed.
+    let mut over = TcpStream::connect(("127.0.0.1", ops_port)).await.unwrap();
+    over.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(guard, over.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("UNAVAILABLE"), "{answer}");
+
+    drop(held);
+    stop.send(()).unwrap();
+    assert!(running.await.unwrap().unwrap(), "drained in time");
+}
