@@ -370,6 +370,40 @@ fn not_a_review(#[case] body: &[u8], #[case] why: &str) {
 
 // --- HTTPS ---
 
+/// A `WebhookServer` running in this test's process on free loopback ports, serving the pair in
+/// `certs` (as `scripts/webhook-certs` names it), with `extra` appended to its config. Returns
+/// the HTTPS port, the ops port, the sender that stops it, and its task.
+async fn run_webhook(
+    certs: &Path,
+    extra: &str,
+) -> (
+    u16,
+    u16,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<bool, pullthrough::webhook::WebhookError>>,
+) {
+    let (port, ops_port) = (free_port(), free_port());
+    let config = format!(
+        "{CONFIG}listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\
+         cert_file = \"{}\"\nkey_file = \"{}\"\n{extra}",
+        certs.join("tls.crt").display(),
+        certs.join("tls.key").display()
+    );
+    let config = Config::from_toml_str(&config, "test.toml").unwrap();
+    let server = WebhookServer::new(&config, None, Some("pullthrough")).unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let ops = tokio::net::TcpListener::bind(("127.0.0.1", ops_port))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(listener, ops, async move {
+        let _ = stopped.await;
+    }));
+    (port, ops_port, stop, running)
+}
+
 fn make_certs(dir: &Path, extra: &[&str]) {
     let out = Command::new(repo_root().join("scripts/webhook-certs"))
         .args(["--out", dir.to_str().unwrap(), "--days", "2"])
@@ -476,25 +510,7 @@ async fn https_mutate_and_certificate_rotation() {
     // A rotation by a new CA, so that trusting only the old one tells the certificates apart.
     make_certs(&second, &[]);
 
-    let (port, ops_port) = (free_port(), free_port());
-    let config = format!(
-        "{CONFIG}listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\
-         cert_file = \"{}\"\nkey_file = \"{}\"\n",
-        live.join("tls.crt").display(),
-        live.join("tls.key").display()
-    );
-    let config = Config::from_toml_str(&config, "test.toml").unwrap();
-    let server = WebhookServer::new(&config, None, Some("pullthrough")).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let ops = tokio::net::TcpListener::bind(("127.0.0.1", ops_port))
-        .await
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(listener, ops, async move {
-        let _ = stopped.await;
-    }));
+    let (port, ops_port, stop, running) = run_webhook(&live, "").await;
 
     // A real AdmissionReview over HTTPS, the server verified against the test CA.
     let (tls, leaf) = connect(port, &first.join("ca.crt")).await.unwrap();
@@ -814,25 +830,8 @@ async fn the_webhook_applies_the_server_connection_limit() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path(), &[]);
-    let (port, ops_port) = (free_port(), free_port());
-    let config = format!(
-        "{CONFIG}listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\
-         cert_file = \"{}\"\nkey_file = \"{}\"\n\n[server]\nmax_connections = 1\n",
-        dir.path().join("tls.crt").display(),
-        dir.path().join("tls.key").display()
-    );
-    let config = Config::from_toml_str(&config, "test.toml").unwrap();
-    let server = WebhookServer::new(&config, None, Some("pullthrough")).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let ops = tokio::net::TcpListener::bind(("127.0.0.1", ops_port))
-        .await
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(listener, ops, async move {
-        let _ = stopped.await;
-    }));
+    let (_, ops_port, stop, running) =
+        run_webhook(dir.path(), "\n[server]\nmax_connections = 1\n").await;
 
     let request = b"GET /healthz HTTP/1.1\r\nHost: webhook\r\n\r\n";
     let guard = std::time::Duration::from_secs(30);
