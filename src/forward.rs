@@ -224,8 +224,13 @@ where
     }
 }
 
-/// `base` (scheme + authority from config) joined with a mapped path.
+/// `base` (scheme + authority from config) joined with a mapped path. `None` unless the path is
+/// absolute: `*` (the asterisk form) or an empty path would make a request that is not for a
+/// registry path on `base` (found by the property tests).
 pub fn upstream_uri(base: &Uri, path_and_query: &str) -> Option<Uri> {
+    if !path_and_query.starts_with('/') {
+        return None;
+    }
     Uri::builder()
         .scheme(base.scheme_str()?)
         .authority(base.authority()?.as_str())
@@ -337,5 +342,17 @@ mod tests {
     fn joins_base_and_path(#[case] base: &str, #[case] path: &str, #[case] want: &str) {
         let base: Uri = base.parse().unwrap();
         assert_eq!(upstream_uri(&base, path).unwrap().to_string(), want);
+    }
+
+    #[rstest]
+    #[case::asterisk_form("*")]
+    #[case::empty("")]
+    #[case::relative("v2/a/manifests/1")]
+    #[case::authority_like("@evil.example/v2/")]
+    fn refuses_a_path_that_is_not_absolute(#[case] path: &str) {
+        let base: Uri = "https://1.dkr.ecr.eu-west-1.amazonaws.com/"
+            .parse()
+            .unwrap();
+        assert_eq!(upstream_uri(&base, path), None);
     }
 }
