@@ -147,14 +147,14 @@ pub async fn serve(
     let grace = config.timeouts.shutdown;
     let limits = config.server;
     let (mirror_done, ops_done) = tokio::join!(
-        server::serve_limited(
+        server::serve(
             mirror,
             Arc::new(proxy),
             stop.clone().cancelled_owned(),
             grace,
             limits,
         ),
-        server::serve_limited(
+        server::serve(
             ops,
             Arc::new(ops_handler),
             stop.cancelled_owned(),

@@ -183,7 +183,7 @@ pub async fn run(
         registry,
     });
     let stop = CancellationToken::new();
-    let ops_server = tokio::spawn(server::serve_limited(
+    let ops_server = tokio::spawn(server::serve(
         listener,
         handler,
         stop.clone().cancelled_owned(),

@@ -250,18 +250,9 @@ fn clip(v: &HeaderValue) -> String {
 }
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains for at most `grace`.
-/// Returns whether every connection finished within the grace period. Default [`Limits`].
+/// Returns whether every connection finished within the grace period. `limits` is `[server]` of
+/// the config; every listener of every command honours it.
 pub async fn serve<H: Handler>(
-    listener: TcpListener,
-    handler: Arc<H>,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) -> bool {
-    serve_limited(listener, handler, shutdown, grace, Limits::default()).await
-}
-
-/// [`serve`] with the given [`Limits`] (`[server]` of the config).
-pub async fn serve_limited<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     shutdown: impl Future<Output = ()>,
@@ -282,7 +273,7 @@ pub async fn serve_limited<H: Handler>(
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// [`serve_limited`] over TLS: each accepted connection is handshaken with `acceptor` (in its
+/// [`serve`] over TLS: each accepted connection is handshaken with `acceptor` (in its
 /// own task, so a slow client holds up no one) and then served like a plain one. Drains the same
 /// way.
 pub async fn serve_tls<H: Handler>(

@@ -500,7 +500,7 @@ impl WebhookServer {
                 self.grace,
                 self.limits,
             ),
-            server::serve_limited(
+            server::serve(
                 ops,
                 Arc::new(self.ops),
                 stop.cancelled_owned(),

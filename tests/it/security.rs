@@ -30,7 +30,7 @@ use crate::support::image::{ACCEPT, Image};
 use crate::support::moto::Moto;
 use crate::support::pullthrough::{Options, Pullthrough};
 use crate::support::registry::{Registry, USER};
-use crate::support::{ChildGuard, base64, free_port, pullthrough_bin, repo_root, short_tempdir};
+use crate::support::{ChildGuard, base64, free_port, pullthrough_bin, short_tempdir};
 
 /// AWS credentials no other string in a log could contain by accident, so finding one is a leak.
 const ACCESS_KEY_ID: &str = "AKIAPULLTHROUGHSEC01";
@@ -663,15 +663,7 @@ fn negotiated(text: &str, version: &str) -> bool {
 #[tokio::test]
 async fn the_webhook_refuses_tls_below_1_2() {
     let dir = short_tempdir("pt-tls");
-    let out = Command::new(repo_root().join("scripts/webhook-certs"))
-        .args(["--out", dir.path().to_str().unwrap(), "--days", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::webhook::make_certs(dir.path(), &[]);
     let (cert, key, ca) = (
         dir.path().join("tls.crt"),
         dir.path().join("tls.key"),

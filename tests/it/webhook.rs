@@ -404,7 +404,8 @@ async fn run_webhook(
     (port, ops_port, stop, running)
 }
 
-fn make_certs(dir: &Path, extra: &[&str]) {
+/// Writes a CA and a serving pair into `dir` with `scripts/webhook-certs` (`extra`: its flags).
+pub(crate) fn make_certs(dir: &Path, extra: &[&str]) {
     let out = Command::new(repo_root().join("scripts/webhook-certs"))
         .args(["--out", dir.to_str().unwrap(), "--days", "2"])
         .args(extra)
