@@ -12,7 +12,8 @@
 //! - [`route`]: method, path and `?ns=` → a validated [`route::Route`] (pure);
 //! - [`map`]: registry + repository → the ECR pull-through path (pure);
 //! - [`sign`]: the node's ECR token, cached and refreshed ([`sign::TokenCache`]);
-//! - [`forward`]: the HTTP client to the ECR endpoint and the header allow-lists;
+//! - [`forward`]: the HTTP client to the ECR endpoint and the header allow-lists; on Linux,
+//!   `splice` moves blob bodies from a plain-HTTP endpoint without copying them;
 //! - [`respond`]: the one table that turns errors into statuses and OCI error bodies.
 //!
 //! [`proxy`] strings them together for one request, with [`breaker`] failing fast while the ECR
@@ -48,6 +49,8 @@ pub mod route;
 pub mod server;
 pub mod sign;
 pub mod signal;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod webhook;
 
 use std::future::Future;

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub upstream_latency: Family<UpstreamLabels, Histogram>,
     /// Body bytes streamed from ECR to clients.
     pub upstream_bytes: Family<UpstreamLabels, Counter>,
+    /// Blob body bytes moved from a plain-HTTP endpoint to clients by `splice(2)`, without a
+    /// copy through pullthrough (part of `upstream_bytes`).
+    pub spliced_bytes: Counter,
     /// `GetAuthorizationToken` calls.
     pub token_fetches: Counter,
     /// Failed `GetAuthorizationToken` calls.
@@ -66,6 +69,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.005, 2.0, 14))
             }),
             upstream_bytes: Family::default(),
+            spliced_bytes: Counter::default(),
             token_fetches: Counter::default(),
             token_errors: Counter::default(),
             token_seconds_left: Gauge::default(),
@@ -90,6 +94,11 @@ impl Metrics {
             "upstream_body_bytes",
             "Body bytes streamed from the ECR endpoint to clients",
             m.upstream_bytes.clone(),
+        );
+        r.register(
+            "upstream_spliced_bytes",
+            "Blob body bytes moved from a plain-HTTP ECR endpoint to clients by splice(2), without a copy",
+            m.spliced_bytes.clone(),
         );
         r.register(
             "token_fetches",

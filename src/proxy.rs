@@ -47,6 +47,9 @@ struct Inner {
     metrics: Metrics,
     /// Fails fast while the endpoint refuses or hangs.
     breaker: Breaker,
+    /// Blob GETs to a plain-HTTP endpoint, spliced.
+    #[cfg(target_os = "linux")]
+    splicer: crate::splice::Client,
 }
 
 /// A successful answer, before logging.
@@ -68,6 +71,9 @@ impl Proxy {
     ) -> Self {
         let manifests = ManifestCache::new(config.manifest_cache_bytes);
         let breaker = Breaker::new(config.breaker, forwarder.clone(), metrics.clone());
+        #[cfg(target_os = "linux")]
+        let splicer =
+            crate::splice::Client::new(config.timeouts.connect, config.timeouts.response_headers);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -77,6 +83,8 @@ impl Proxy {
                 manifests,
                 metrics,
                 breaker,
+                #[cfg(target_os = "linux")]
+                splicer,
             }),
         }
     }
@@ -145,6 +153,15 @@ impl Proxy {
                 self.manifest(&api, &target, reference, head, req.headers())
                     .await
             }
+            Kind::Blob(_) if !head => {
+                #[cfg(target_os = "linux")]
+                if let Some(slot) = req.extensions().get::<crate::splice::Slot>()
+                    && let Some(served) = self.splice(&api, &target, req.headers(), slot).await?
+                {
+                    return Ok(served);
+                }
+                self.stream(&api, &target, head, req.headers()).await
+            }
             _ => self.stream(&api, &target, head, req.headers()).await,
         }
     }
@@ -169,32 +186,8 @@ impl Proxy {
             h.insert(http::header::AUTHORIZATION, token.authorization());
             self.inner.breaker.admit()?;
             let t0 = Instant::now();
-            let resp = match self.inner.forwarder.send(method.clone(), uri, h).await {
-                Ok(resp) => {
-                    self.inner.breaker.success();
-                    resp
-                }
-                Err(e) => {
-                    // Only a refused or hung endpoint opens the breaker: both would cost every
-                    // following request of the pull the same wait. Other failures are per request.
-                    if matches!(e, ForwardError::Timeout(_) | ForwardError::Connect(_)) {
-                        self.inner.breaker.failure(&base, &e.to_string());
-                    }
-                    return Err(match e {
-                        ForwardError::Timeout(d) => ProxyError::Timeout(d),
-                        ForwardError::Connect(m) => ProxyError::Connect(m),
-                        other => ProxyError::UpstreamIo(other.to_string()),
-                    });
-                }
-            };
-            self.inner
-                .metrics
-                .upstream_latency
-                .get_or_create(&UpstreamLabels {
-                    registry: api.registry.to_string(),
-                    kind: api.kind.label().to_owned(),
-                })
-                .observe(t0.elapsed().as_secs_f64());
+            let resp = self
+                .exchanged(api, &base, t0, self.inner.forwarder.send(method.clone(), uri, h).await)?;
             if resp.status() == StatusCode::UNAUTHORIZED
                 && attempt == 1
                 && self.inner.tokens.refused(&token).await
@@ -204,6 +197,101 @@ impl Proxy {
             }
             return Ok(resp);
         }
+    }
+
+    /// Records the outcome of one exchange with the endpoint: the breaker and the latency
+    /// metric, and the error to answer with.
+    fn exchanged<T>(
+        &self,
+        api: &ApiRequest,
+        base: &Uri,
+        t0: Instant,
+        result: Result<T, ForwardError>,
+    ) -> Result<T, ProxyError> {
+        match result {
+            Ok(resp) => {
+                self.inner.breaker.success();
+                self.inner
+                    .metrics
+                    .upstream_latency
+                    .get_or_create(&UpstreamLabels {
+                        registry: api.registry.to_string(),
+                        kind: api.kind.label().to_owned(),
+                    })
+                    .observe(t0.elapsed().as_secs_f64());
+                Ok(resp)
+            }
+            Err(e) => {
+                // Only a refused or hung endpoint opens the breaker: both would cost every
+                // following request of the pull the same wait. Other failures are per request.
+                if matches!(e, ForwardError::Timeout(_) | ForwardError::Connect(_)) {
+                    self.inner.breaker.failure(base, &e.to_string());
+                }
+                Err(match e {
+                    ForwardError::Timeout(d) => ProxyError::Timeout(d),
+                    ForwardError::Connect(m) => ProxyError::Connect(m),
+                    other => ProxyError::UpstreamIo(other.to_string()),
+                })
+            }
+        }
+    }
+
+    /// A blob GET to a plain-HTTP endpoint, with the body spliced ([`crate::splice`]). `None`
+    /// when this one cannot be: a TLS endpoint, or an answer that hyper's path must handle (a
+    /// 401 that wants a fresh token, a redirect, a body without a length), which then goes
+    /// through [`Proxy::stream`] as a new request.
+    #[cfg(target_os = "linux")]
+    async fn splice(
+        &self,
+        api: &ApiRequest,
+        target: &Target,
+        client_headers: &HeaderMap,
+        slot: &crate::splice::Slot,
+    ) -> Result<Option<Served>, ProxyError> {
+        let token = self.inner.tokens.get().await?;
+        let base = self.base(&token)?;
+        if base.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return Ok(None);
+        }
+        let uri = forward::upstream_uri(&base, &target.path_and_query)
+            .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
+        let mut headers = forward::request_headers(client_headers);
+        headers.insert(http::header::AUTHORIZATION, token.authorization());
+        self.inner.breaker.admit()?;
+        let t0 = Instant::now();
+        let answer = self.exchanged(
+            api,
+            &base,
+            t0,
+            self.inner.splicer.get(&uri, &headers).await,
+        )?;
+        let status = answer.status;
+        if !answer.spliceable() {
+            // An error ends here as it would on hyper's path.
+            if status != StatusCode::UNAUTHORIZED && !status.is_redirection() {
+                check_status(status, Missing::Blob)?;
+            }
+            return Ok(None);
+        }
+        let mut headers = forward::response_headers(&answer.headers);
+        add_api_version(&mut headers);
+        let Some(body) = answer.into_body(
+            &self.inner.splicer,
+            slot.clone(),
+            self.inner.config.timeouts.response_headers,
+            self.inner.metrics.spliced_bytes.clone(),
+        ) else {
+            return Ok(None);
+        };
+        let mut response = Response::new(body.boxed());
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        Ok(Some(Served {
+            response,
+            upstream_path: target.path_and_query.clone(),
+            cache: "-",
+            from_upstream: true,
+        }))
     }
 
     fn base(&self, token: &Token) -> Result<Uri, ProxyError> {

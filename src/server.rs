@@ -265,9 +265,41 @@ pub async fn serve<H: Handler>(
         shutdown,
         grace,
         limits,
-        |stream, _peer| async move { Some(stream) },
+        |stream, _peer| async move { Some(plain(stream)) },
     )
     .await
+}
+
+/// A plain connection: on Linux it can send blob bodies with `splice(2)` ([`crate::splice`]).
+#[cfg(target_os = "linux")]
+fn plain(stream: TcpStream) -> crate::splice::SpliceIo {
+    crate::splice::SpliceIo::new(stream)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn plain(stream: TcpStream) -> TcpStream {
+    stream
+}
+
+/// A stream HTTP is served on.
+pub trait Connection: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// The pipe for zero-copy bodies on this connection; handlers find it in each request's
+    /// extensions. Only plain TCP has one: TLS must see every byte.
+    #[cfg(target_os = "linux")]
+    fn splice_slot(&self) -> Option<crate::splice::Slot> {
+        None
+    }
+}
+
+impl Connection for TcpStream {}
+
+impl Connection for tokio_rustls::server::TlsStream<TcpStream> {}
+
+#[cfg(target_os = "linux")]
+impl Connection for crate::splice::SpliceIo {
+    fn splice_slot(&self) -> Option<crate::splice::Slot> {
+        Some(self.slot())
+    }
 }
 
 /// How long a client may take to finish the TLS handshake.
@@ -324,7 +356,7 @@ where
     H: Handler,
     O: Fn(TcpStream, SocketAddr) -> F,
     F: Future<Output = Option<S>> + Send + 'static,
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Connection,
 {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -383,7 +415,13 @@ where
                 tokio::spawn(async move {
                     let _slot = slot;
                     let Some(io) = opening.await else { return };
-                    let svc = service_fn(move |req: Request<Incoming>| {
+                    #[cfg(target_os = "linux")]
+                    let splice_slot = io.splice_slot();
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
+                        #[cfg(target_os = "linux")]
+                        if let Some(slot) = &splice_slot {
+                            req.extensions_mut().insert(slot.clone());
+                        }
                         let refused = Refused::check(req.method(), req.headers());
                         let fut = match refused {
                             Ok(()) => Ok(h.call(req)),
@@ -398,6 +436,9 @@ where
                     });
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
+                        // A queue of the body's own buffers, never copied: spliced bodies
+                        // depend on it (crate::splice).
+                        .writev(true)
                         .max_buf_size(MAX_BUF)
                         .max_header_size(MAX_HEAD)
                         .max_headers(MAX_HEADERS)

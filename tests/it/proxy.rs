@@ -1075,3 +1075,70 @@ async fn sigterm_exits_0_after_the_grace_period_even_with_a_stuck_client() {
     assert!(pt.log().contains("grace period over"), "{}", pt.log());
     drop(resp);
 }
+
+/// Blob bodies from a plain-HTTP endpoint go socket to socket with splice(2) (src/splice.rs):
+/// whole and ranged, across splice chunks, and with hyper's own answers on the same kept-alive
+/// client connection before and after them.
+#[tokio::test]
+async fn blob_bodies_from_a_plain_http_endpoint_are_spliced_byte_exact() {
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+
+    let s = stack().await;
+    // Several 256 KiB splice chunks, and not a multiple of one.
+    let blob = Blob::new(
+        crate::support::image::LAYER_TAR,
+        crate::support::image::random_bytes(3 * 1024 * 1024 + 12_345, 11),
+    );
+    s.registry
+        .push_blob("docker-hub/library/alpine", &blob)
+        .await;
+    let stream = tokio::net::TcpStream::connect(s.pt.host()).await.unwrap();
+    let (mut conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(driver);
+    let host = s.pt.host();
+    let mut get_on_conn = async |path: &str, range: Option<&str>| {
+        let mut req = http::Request::builder()
+            .uri(path)
+            .header("host", &host)
+            .header("accept", ACCEPT);
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        let resp = conn
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        (parts.status, body.collect().await.unwrap().to_bytes())
+    };
+    let manifest = "/v2/library/alpine/manifests/3.19?ns=docker.io";
+    let blob_path = format!("/v2/library/alpine/blobs/{}?ns=docker.io", blob.digest);
+
+    let (status, body) = get_on_conn(manifest, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, s.images.alpine.root.bytes);
+    let (status, body) = get_on_conn(&blob_path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sha256_digest(&body), blob.digest);
+    let (status, body) = get_on_conn(&blob_path, Some("bytes=1000-600000")).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, blob.bytes.slice(1000..600_001));
+    let (status, body) = get_on_conn(manifest, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, s.images.alpine.root.bytes);
+
+    // All but what arrived with each response head (at most one read of 16 KiB) was spliced.
+    let total = (blob.size() + 600_001 - 1000) as f64;
+    let spliced = s
+        .pt
+        .metric("pullthrough_upstream_spliced_bytes_total")
+        .await
+        .unwrap();
+    assert!(
+        spliced <= total && spliced >= total - 2.0 * 16_384.0,
+        "spliced {spliced} of {total} bytes"
+    );
+}
