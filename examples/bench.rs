@@ -346,10 +346,15 @@ async fn main() -> anyhow::Result<()> {
         for via in ALL {
             let pids = stand.proxy_pids(via);
             let cpu0 = cpu_secs(&pids);
+            let all0 = Cpu::now(&stand);
             let url = stand.url(via, "bench", &format!("blobs/{blob}"));
             let (bytes, secs) = curl_get(&stand, via, &url).map_err(anyhow::Error::msg)?;
             anyhow::ensure!(bytes == plan.blob_size as u64, "{}: short blob", via.name());
             let cpu = cpu_secs(&pids) - cpu0;
+            let all = Cpu::now(&stand).since(&all0, cpu);
+            let gib = bytes as f64 / GIB as f64;
+            results.blob_cpu_all.push(via, all.processes / gib);
+            results.blob_idle.push(via, all.idle * 100.0);
             let mbs = bytes as f64 / secs / 1e6;
             say(&format!(
                 "   round {round} {:<12} {mbs:>8.0} MB/s  cpu {cpu:.2} s",
@@ -374,10 +379,20 @@ async fn main() -> anyhow::Result<()> {
         for via in ALL {
             let pids = stand.proxy_pids(via);
             let sampler = RssSampler::start(pids.clone());
+            let cpu0 = cpu_secs(&pids);
+            let all0 = Cpu::now(&stand);
             let url = stand.url(via, "bench", &format!("blobs/{fan}"));
             let (bytes, secs) =
                 curl_parallel(&stand, via, &url, plan.fan_streams).map_err(anyhow::Error::msg)?;
             let peak = sampler.stop();
+            let cpu = cpu_secs(&pids) - cpu0;
+            let all = Cpu::now(&stand).since(&all0, cpu);
+            let gib = bytes as f64 / GIB as f64;
+            results.fan_cpu_all.push(via, all.processes / gib);
+            results.fan_idle.push(via, all.idle * 100.0);
+            if via != Via::Direct {
+                results.fan_cpu_per_gib.push(via, cpu / gib);
+            }
             let want = (plan.fan_size * plan.fan_streams) as u64;
             anyhow::ensure!(
                 bytes == want,
@@ -833,6 +848,77 @@ fn clock_ticks() -> f64 {
 }
 
 /// User + system CPU seconds of `pids`.
+/// CPU counters around one transfer: the registry's, the waited-for clients' (curl), and the
+/// whole machine's busy and total time, so a transfer can be shown to be CPU-bound.
+struct Cpu {
+    registry: f64,
+    clients: f64,
+    busy: f64,
+    total: f64,
+}
+
+/// What a transfer cost, from two [`Cpu`] readings.
+struct Spent {
+    /// CPU seconds of registry + proxy + client.
+    processes: f64,
+    /// Fraction of the machine's CPU time that was idle.
+    idle: f64,
+}
+
+impl Cpu {
+    fn now(stand: &Stand) -> Cpu {
+        let registry = pid_listening(&format!("127.0.0.1:{}", stand.registry.port()))
+            .map_or(0.0, |p| cpu_secs(&[p]));
+        let ticks = clock_ticks();
+        // cutime and cstime of this process: its waited-for children, i.e. finished curls.
+        let clients = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = &s[s.rfind(')')? + 2..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(13)?.parse::<f64>().ok()? + f.get(14)?.parse::<f64>().ok()?)
+            })
+            .unwrap_or(0.0)
+            / ticks;
+        // The first line of /proc/stat: user nice system idle iowait irq softirq steal.
+        let (busy, total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let f: Vec<f64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .take(8)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                let total: f64 = f.iter().sum();
+                let idle = f.get(3)? + f.get(4)?;
+                Some(((total - idle) / ticks, total / ticks))
+            })
+            .unwrap_or((0.0, 0.0));
+        Cpu {
+            registry,
+            clients,
+            busy,
+            total,
+        }
+    }
+
+    /// From `before` to `self`, with `proxy` CPU seconds measured alongside.
+    fn since(&self, before: &Cpu, proxy: f64) -> Spent {
+        let total = self.total - before.total;
+        Spent {
+            processes: (self.registry - before.registry) + (self.clients - before.clients) + proxy,
+            idle: if total > 0.0 {
+                1.0 - (self.busy - before.busy) / total
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 fn cpu_secs(pids: &[u32]) -> f64 {
     let ticks = clock_ticks();
     pids.iter()
@@ -949,8 +1035,15 @@ struct ManifestRuns {
 struct Results {
     blob_mbs: Series,
     blob_cpu_per_gib: Series,
+    /// CPU seconds per GiB of registry + proxy + client together.
+    blob_cpu_all: Series,
+    /// Percent of the machine's CPU time left idle during the transfer.
+    blob_idle: Series,
     fan_mbs: Series,
     fan_peak_rss: Series,
+    fan_cpu_per_gib: Series,
+    fan_cpu_all: Series,
+    fan_idle: Series,
     /// [tag, digest][c=1, c=64].
     manifests: [[ManifestRuns; 2]; 2],
     pull_secs: Series,
@@ -1048,6 +1141,20 @@ fn render(plan: &Plan, r: &Results, command: &str, load_before: &str, load_after
     );
     row(
         &mut md,
+        "one stream: CPU per GiB of registry + proxy + curl (s)",
+        &r.blob_cpu_all,
+        2,
+        false,
+    );
+    row(
+        &mut md,
+        "one stream: machine idle (%)",
+        &r.blob_idle,
+        0,
+        false,
+    );
+    row(
+        &mut md,
         &format!(
             "fan-out: {} × {} MiB, aggregate (MB/s)",
             plan.fan_streams,
@@ -1062,6 +1169,27 @@ fn render(plan: &Plan, r: &Results, command: &str, load_before: &str, load_after
         "fan-out: proxy peak RSS (MiB)",
         &r.fan_peak_rss,
         1,
+        false,
+    );
+    row(
+        &mut md,
+        "fan-out: proxy CPU per GiB (s)",
+        &r.fan_cpu_per_gib,
+        2,
+        false,
+    );
+    row(
+        &mut md,
+        "fan-out: CPU per GiB of registry + proxy + curl (s)",
+        &r.fan_cpu_all,
+        2,
+        false,
+    );
+    row(
+        &mut md,
+        "fan-out: machine idle (%)",
+        &r.fan_idle,
+        0,
         false,
     );
     for (which, label) in [(0, "tag"), (1, "digest")] {
@@ -1300,6 +1428,8 @@ fn render(plan: &Plan, r: &Results, command: &str, load_before: &str, load_after
     samples("blob CPU s/GiB", &r.blob_cpu_per_gib);
     samples("fan-out MB/s", &r.fan_mbs);
     samples("fan-out peak RSS MiB", &r.fan_peak_rss);
+    samples("fan-out all CPU s/GiB", &r.fan_cpu_all);
+    samples("fan-out idle %", &r.fan_idle);
     for (which, label) in [(0, "tag"), (1, "digest")] {
         for (ci, c) in [(0, 1), (1, 64)] {
             samples(&format!("{label} c={c} req/s"), &r.manifests[which][ci].rps);
@@ -1335,6 +1465,21 @@ fn reading(r: &Results, verdicts: &[Verdict]) -> String {
         cell(r.fan_peak_rss.median(p), 1),
         cell(r.fan_peak_rss.median(n), 1),
     );
+    if let (Some(direct_all), Some(proxy_cpu), Some(idle)) = (
+        r.fan_cpu_all.median(Via::Direct),
+        r.fan_cpu_per_gib.median(p),
+        r.fan_idle.median(Via::Direct),
+    ) {
+        let _ = write!(
+            s,
+            "The fan-out is bound by CPU: direct leaves {idle:.0} % of the machine idle and \
+             costs {direct_all:.2} CPU seconds per GiB (registry and curl). A proxy's own CPU per \
+             GiB comes on top, on the same cores, so with pullthrough's {proxy_cpu:.2} s/GiB \
+             (nearly all of it the kernel's TCP work for the second connection) about {:.2}× of \
+             direct is the most this machine can give it. ",
+            direct_all / (direct_all + proxy_cpu)
+        );
+    }
     let _ = write!(
         s,
         "Manifests by tag cost what the registry costs (its bcrypt check dominates), so all \

@@ -8,9 +8,18 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aws_smithy_runtime_api::client::http::{
+    HttpClient, HttpConnector as SdkConnectorTrait, HttpConnectorFuture, HttpConnectorSettings,
+    SharedHttpConnector,
+};
+use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
+use aws_smithy_runtime_api::client::result::ConnectorError;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::body::SdkBody;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, Uri};
@@ -90,43 +99,7 @@ pub struct Forwarder {
 impl Forwarder {
     /// Builds the client. Fails on an unreadable CA file.
     pub fn new(timeouts: &Timeouts, ca_file: Option<&Path>) -> Result<Self, ForwardError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            // A bad system certificate should not stop the proxy; the others still work.
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = ca_file {
-            let err = |message: String| ForwardError::CaFile {
-                path: path.display().to_string(),
-                message,
-            };
-            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-            let mut added = 0;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| err(e.to_string()))?;
-                roots.add(cert).map_err(|e| err(e.to_string()))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err(err("no PEM certificate in file".into()));
-            }
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ForwardError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeouts.connect));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let https = https_connector(Arc::new(tls_config(ca_file)?), Some(timeouts.connect));
         let client = Client::builder(TokioExecutor::new())
             .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
             // Below the ~60 s idle timeout of load balancers and NAT gateways on the way, so a
@@ -161,6 +134,139 @@ impl Forwarder {
             Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
             Ok(Err(e)) => Err(ForwardError::Io(error_chain(&e))),
         }
+    }
+}
+
+/// TLS for every client in the process: the system roots plus an optional extra CA, rustls
+/// with the ring provider.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ForwardError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A bad system certificate should not stop the proxy; the others still work.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let err = |message: String| ForwardError::CaFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| err(e.to_string()))?;
+            roots.add(cert).map_err(|e| err(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(err("no PEM certificate in file".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ForwardError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// HTTP/1.1 over TCP, or over TLS for `https` URIs.
+fn https_connector(
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Option<Duration>,
+) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(connect_timeout);
+    http.set_nodelay(true);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(Arc::unwrap_or_clone(tls))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// The HTTP client of the AWS SDK (the ECR API, and STS or IMDS for credentials): the same
+/// hyper and rustls stack as [`Forwarder`]. The SDK's own client would bring a second hyper
+/// stack with HTTP/2, about a megabyte of code mapped on every node for a few calls a day.
+#[derive(Clone, Debug)]
+pub struct SdkHttpClient {
+    tls: Arc<rustls::ClientConfig>,
+    /// One pooled client per distinct timeout setting the SDK asks for (IMDS asks for shorter
+    /// ones than the ECR API), so connections are reused across calls.
+    connectors: Arc<std::sync::Mutex<Vec<(SdkTimeouts, SharedHttpConnector)>>>,
+}
+
+type SdkTimeouts = (Option<Duration>, Option<Duration>);
+
+impl SdkHttpClient {
+    /// Builds the client with the system roots.
+    pub fn new() -> Result<Self, ForwardError> {
+        Ok(Self {
+            tls: Arc::new(tls_config(None)?),
+            connectors: Arc::default(),
+        })
+    }
+}
+
+impl HttpClient for SdkHttpClient {
+    fn http_connector(
+        &self,
+        settings: &HttpConnectorSettings,
+        _components: &RuntimeComponents,
+    ) -> SharedHttpConnector {
+        let key = (settings.connect_timeout(), settings.read_timeout());
+        let mut connectors = self
+            .connectors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, c)) = connectors.iter().find(|(k, _)| *k == key) {
+            return c.clone();
+        }
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(https_connector(self.tls.clone(), key.0));
+        let connector = SharedHttpConnector::new(SdkConnector {
+            client,
+            read_timeout: key.1,
+        });
+        connectors.push((key, connector.clone()));
+        connector
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SdkConnector {
+    client: Client<HttpsConnector<HttpConnector>, SdkBody>,
+    read_timeout: Option<Duration>,
+}
+
+impl SdkConnectorTrait for SdkConnector {
+    fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+        let client = self.client.clone();
+        let read_timeout = self.read_timeout;
+        HttpConnectorFuture::new(async move {
+            let request = request
+                .try_into_http1x()
+                .map_err(|e| ConnectorError::user(e.into()))?;
+            let sent = client.request(request);
+            let response = match read_timeout {
+                Some(t) => tokio::time::timeout(t, sent)
+                    .await
+                    .map_err(|e| ConnectorError::timeout(e.into()))?,
+                None => sent.await,
+            }
+            .map_err(|e| {
+                if e.is_connect() {
+                    ConnectorError::io(e.into())
+                } else {
+                    ConnectorError::other(e.into(), None)
+                }
+            })?;
+            HttpResponse::try_from(response.map(SdkBody::from_body_1_x))
+                .map_err(|e| ConnectorError::other(e.into(), None))
+        })
     }
 }
 

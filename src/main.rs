@@ -227,8 +227,15 @@ fn config_error(e: &ConfigError) -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::prelude::*;
-    let env = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // `level` and `target=level` directives, comma-separated. Not `EnvFilter`: its span and
+    // field filters need the regex engine, half a megabyte of code resident on every node for a
+    // feature no one filters a proxy's log with.
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
     // At TRACE the AWS SDK logs raw response bodies and output structs, and the
     // GetAuthorizationToken output carries the token in clear. No RUST_LOG may turn that on.
     let no_secrets = tracing_subscriber::filter::filter_fn(|meta| {

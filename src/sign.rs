@@ -28,13 +28,12 @@ use crate::metrics::Metrics;
 /// node, IRSA, Pod Identity), TLS by rustls with ring (the process's one crypto provider), and
 /// `ecr.region` over the chain's region. `AWS_ENDPOINT_URL_ECR` points it elsewhere (tests).
 pub async fn sdk_config(config: &crate::config::Config) -> aws_config::SdkConfig {
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let mut loader =
-        aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http_client);
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    match crate::forward::SdkHttpClient::new() {
+        Ok(client) => loader = loader.http_client(client),
+        // Only a broken TLS setup gets here; the SDK then fails each call with a clear error.
+        Err(e) => tracing::error!(error = %e, "no HTTP client for the AWS SDK"),
+    }
     if let Some(r) = &config.ecr.region {
         loader = loader.region(aws_config::Region::new(r.clone()));
     }

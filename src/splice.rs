@@ -28,7 +28,7 @@
 use std::io::{self, IoSlice};
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
@@ -48,8 +48,13 @@ use crate::respond::BodyError;
 /// asked for this capacity too; four times the default means a quarter of the wakeups.
 pub const CHUNK: usize = 256 * 1024;
 
-/// The placeholder buffer. Never read: only its address matters.
-static PLACEHOLDER: [u8; CHUNK] = [0; CHUNK];
+/// The placeholder buffer. Never read: only its address matters. Allocated zeroed (so `calloc`
+/// maps fresh pages that are never touched and never resident) rather than a `static`, which
+/// would add its size to the binary's mapped pages.
+fn placeholder_buffer() -> &'static [u8] {
+    static BUFFER: OnceLock<&'static [u8]> = OnceLock::new();
+    BUFFER.get_or_init(|| Vec::leak(vec![0u8; CHUNK]))
+}
 
 /// The largest response head accepted from the endpoint.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -63,11 +68,12 @@ const IDLE_FOR: Duration = Duration::from_secs(50);
 
 /// Whether `buf` is (part of) a placeholder chunk.
 pub fn is_placeholder(buf: &[u8]) -> bool {
-    !buf.is_empty() && PLACEHOLDER.as_ptr_range().contains(&buf.as_ptr())
+    !buf.is_empty() && placeholder_buffer().as_ptr_range().contains(&buf.as_ptr())
 }
 
 fn placeholder(n: usize) -> Bytes {
-    Bytes::from_static(&PLACEHOLDER[..n.min(CHUNK)])
+    let buffer = placeholder_buffer();
+    Bytes::from_static(&buffer[..n.min(buffer.len())])
 }
 
 /// The pipe of one client connection, shared by its IO and the body being sent on it.

@@ -75,11 +75,7 @@ fn write_config(dir: &Path, text: &str) -> String {
 
 /// An SDK client on moto, for arranging and inspecting repositories.
 fn moto_client(moto: &Moto) -> aws_sdk_ecr::Client {
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
+    let http = pullthrough::forward::SdkHttpClient::new().expect("SDK HTTP client");
     let conf = aws_sdk_ecr::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(moto.endpoint())
