@@ -1185,13 +1185,7 @@ fn render(plan: &Plan, r: &Results, command: &str, load_before: &str, load_after
         2,
         false,
     );
-    row(
-        &mut md,
-        "fan-out: machine idle (%)",
-        &r.fan_idle,
-        0,
-        false,
-    );
+    row(&mut md, "fan-out: machine idle (%)", &r.fan_idle, 0, false);
     for (which, label) in [(0, "tag"), (1, "digest")] {
         for (ci, c) in [(0, 1), (1, 64)] {
             let m = &r.manifests[which][ci];
@@ -1465,20 +1459,40 @@ fn reading(r: &Results, verdicts: &[Verdict]) -> String {
         cell(r.fan_peak_rss.median(p), 1),
         cell(r.fan_peak_rss.median(n), 1),
     );
-    if let (Some(direct_all), Some(proxy_cpu), Some(idle)) = (
-        r.fan_cpu_all.median(Via::Direct),
-        r.fan_cpu_per_gib.median(p),
-        r.fan_idle.median(Via::Direct),
-    ) {
-        let _ = write!(
-            s,
-            "The fan-out is bound by CPU: direct leaves {idle:.0} % of the machine idle and \
-             costs {direct_all:.2} CPU seconds per GiB (registry and curl). A proxy's own CPU per \
-             GiB comes on top, on the same cores, so with pullthrough's {proxy_cpu:.2} s/GiB \
-             (nearly all of it the kernel's TCP work for the second connection) about {:.2}× of \
-             direct is the most this machine can give it. ",
-            direct_all / (direct_all + proxy_cpu)
-        );
+    for (what, all, idle, proxy, target) in [
+        (
+            "One stream",
+            &r.blob_cpu_all,
+            &r.blob_idle,
+            &r.blob_cpu_per_gib,
+            0.85,
+        ),
+        (
+            "The fan-out",
+            &r.fan_cpu_all,
+            &r.fan_idle,
+            &r.fan_cpu_per_gib,
+            0.8,
+        ),
+    ] {
+        if let (Some(d_all), Some(p_all), Some(d_idle), Some(p_idle), Some(own)) = (
+            all.median(Via::Direct),
+            all.median(p),
+            idle.median(Via::Direct),
+            idle.median(p),
+            proxy.median(p),
+        ) {
+            let _ = write!(
+                s,
+                "{what} leaves {d_idle:.0} % of the machine idle direct and {p_idle:.0} % \
+                 through pullthrough, so its rate follows the CPU it costs: {d_all:.2} CPU \
+                 seconds per GiB direct (registry and curl) and {p_all:.2} through pullthrough \
+                 ({own:.2} in pullthrough itself), a ratio of {:.2}. {target}× of direct would \
+                 need the whole extra hop to cost at most {:.2} s/GiB. ",
+                d_all / p_all,
+                d_all / target - d_all,
+            );
+        }
     }
     let _ = write!(
         s,

@@ -52,11 +52,14 @@ impl ManifestCache {
         accepts(client, &m.media_type).then_some(m)
     }
 
-    /// Stores a manifest whose digest has been verified.
+    /// Stores a manifest whose digest has been verified. Every GET by tag brings its manifest
+    /// again, and an entry is content-addressed, so one already cached is only marked as used:
+    /// a read costs less than moka's write path and leaves nothing for its housekeeping.
     pub async fn insert(&self, repository: &str, m: CachedManifest) {
-        self.inner
-            .insert((repository.to_owned(), m.digest.clone()), m)
-            .await;
+        let key = (repository.to_owned(), m.digest.clone());
+        if self.inner.get(&key).await.is_none() {
+            self.inner.insert(key, m).await;
+        }
     }
 }
 

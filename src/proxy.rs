@@ -3,7 +3,8 @@
 //! [`Proxy::handle`] never fails: every error becomes a response in [`crate::respond`], and every
 //! response is wrapped in the access log. Manifests are read whole (they are small and bounded)
 //! so that they can be verified, cached and answered to HEAD with their true size; blobs, tag
-//! lists and referrers stream straight through.
+//! lists and referrers stream straight through. On Linux a blob GET to a plain-HTTP endpoint is
+//! spliced ([`crate::splice`]): its bytes go from socket to socket without entering user space.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -186,8 +187,12 @@ impl Proxy {
             h.insert(http::header::AUTHORIZATION, token.authorization());
             self.inner.breaker.admit()?;
             let t0 = Instant::now();
-            let resp = self
-                .exchanged(api, &base, t0, self.inner.forwarder.send(method.clone(), uri, h).await)?;
+            let resp = self.exchanged(
+                api,
+                &base,
+                t0,
+                self.inner.forwarder.send(method.clone(), uri, h).await,
+            )?;
             if resp.status() == StatusCode::UNAUTHORIZED
                 && attempt == 1
                 && self.inner.tokens.refused(&token).await
@@ -259,12 +264,8 @@ impl Proxy {
         headers.insert(http::header::AUTHORIZATION, token.authorization());
         self.inner.breaker.admit()?;
         let t0 = Instant::now();
-        let answer = self.exchanged(
-            api,
-            &base,
-            t0,
-            self.inner.splicer.get(&uri, &headers).await,
-        )?;
+        let answer =
+            self.exchanged(api, &base, t0, self.inner.splicer.get(&uri, &headers).await)?;
         let status = answer.status;
         if !answer.spliceable() {
             // An error ends here as it would on hyper's path.

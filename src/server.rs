@@ -282,7 +282,9 @@ fn plain(stream: TcpStream) -> TcpStream {
 }
 
 /// A stream HTTP is served on.
-pub trait Connection: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+pub trait Connection:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
     /// The pipe for zero-copy bodies on this connection; handlers find it in each request's
     /// extensions. Only plain TCP has one: TLS must see every byte.
     #[cfg(target_os = "linux")]

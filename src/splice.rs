@@ -366,18 +366,17 @@ impl Client {
             .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
             .ok_or_else(|| ForwardError::Connect("no host in the upstream URI".into()))?;
         let port = uri.port_u16().unwrap_or(80);
-        let stream = match tokio::time::timeout(self.connect, TcpStream::connect((host, port)))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
-            Err(_) => {
-                return Err(ForwardError::Connect(format!(
-                    "no connection within {:?}",
-                    self.connect
-                )));
-            }
-        };
+        let stream =
+            match tokio::time::timeout(self.connect, TcpStream::connect((host, port))).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
+                Err(_) => {
+                    return Err(ForwardError::Connect(format!(
+                        "no connection within {:?}",
+                        self.connect
+                    )));
+                }
+            };
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
@@ -558,7 +557,8 @@ impl SpliceBody {
         if let Some(stream) = self.upstream.take()
             && self.keep_alive
         {
-            self.pool.checkin(std::mem::take(&mut self.authority), stream);
+            self.pool
+                .checkin(std::mem::take(&mut self.authority), stream);
         }
     }
 
@@ -733,9 +733,14 @@ mod tests {
         #[case] raw: &str,
         #[case] want: Option<(u16, Option<u64>, bool, usize)>,
     ) {
-        let got = parse_head(raw.as_bytes())
-            .unwrap()
-            .map(|(h, len)| (h.status.as_u16(), h.content_length, h.keep_alive, raw.len() - len));
+        let got = parse_head(raw.as_bytes()).unwrap().map(|(h, len)| {
+            (
+                h.status.as_u16(),
+                h.content_length,
+                h.keep_alive,
+                raw.len() - len,
+            )
+        });
         assert_eq!(got, want);
     }
 

@@ -1132,11 +1132,10 @@ async fn blob_bodies_from_a_plain_http_endpoint_are_spliced_byte_exact() {
 
     // All but what arrived with each response head (at most one read of 16 KiB) was spliced.
     let total = (blob.size() + 600_001 - 1000) as f64;
-    let spliced = s
-        .pt
-        .metric("pullthrough_upstream_spliced_bytes_total")
-        .await
-        .unwrap();
+    let spliced =
+        s.pt.metric("pullthrough_upstream_spliced_bytes_total")
+            .await
+            .unwrap();
     assert!(
         spliced <= total && spliced >= total - 2.0 * 16_384.0,
         "spliced {spliced} of {total} bytes"
