@@ -140,34 +140,49 @@ impl Forwarder {
 /// TLS for every client in the process: the system roots plus an optional extra CA, rustls
 /// with the ring provider.
 fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ForwardError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A bad system certificate should not stop the proxy; the others still work.
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        let err = |message: String| ForwardError::CaFile {
-            path: path.display().to_string(),
-            message,
-        };
-        let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| err(e.to_string()))?;
-            roots.add(cert).map_err(|e| err(e.to_string()))?;
-            added += 1;
+    let roots = match ca_file {
+        // Shared by every client without an extra CA: a parsed system store is ~150 KiB.
+        None => system_roots(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::clone(&system_roots());
+            let err = |message: String| ForwardError::CaFile {
+                path: path.display().to_string(),
+                message,
+            };
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            let mut added = 0;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| err(e.to_string()))?;
+                roots.add(cert).map_err(|e| err(e.to_string()))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(err("no PEM certificate in file".into()));
+            }
+            Arc::new(roots)
         }
-        if added == 0 {
-            return Err(err("no PEM certificate in file".into()));
-        }
-    }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ForwardError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// The system's trusted roots, read once per process.
+fn system_roots() -> Arc<rustls::RootCertStore> {
+    static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // A bad system certificate should not stop the proxy; the others still work.
+                let _ = roots.add(cert);
+            }
+            Arc::new(roots)
+        })
+        .clone()
 }
 
 /// HTTP/1.1 over TCP, or over TLS for `https` URIs.
