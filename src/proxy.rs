@@ -53,6 +53,14 @@ struct Inner {
     splicer: crate::splice::Client,
 }
 
+/// A request ready to send to the endpoint.
+struct Signed {
+    token: Arc<Token>,
+    base: Uri,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
 /// A successful answer, before logging.
 struct Served {
     response: Response<ProxyBody>,
@@ -175,23 +183,25 @@ impl Proxy {
         target: &Target,
         client_headers: &HeaderMap,
     ) -> Result<Response<IdleTimeout<Incoming>>, ProxyError> {
-        let headers = forward::request_headers(client_headers);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let token = self.inner.tokens.get().await?;
-            let base = self.base(&token)?;
-            let uri = forward::upstream_uri(&base, &target.path_and_query)
-                .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
-            let mut h = headers.clone();
-            h.insert(http::header::AUTHORIZATION, token.authorization());
+            let Signed {
+                token,
+                base,
+                uri,
+                headers,
+            } = self.sign(target, client_headers).await?;
             self.inner.breaker.admit()?;
             let t0 = Instant::now();
             let resp = self.exchanged(
                 api,
                 &base,
                 t0,
-                self.inner.forwarder.send(method.clone(), uri, h).await,
+                self.inner
+                    .forwarder
+                    .send(method.clone(), uri, headers)
+                    .await,
             )?;
             if resp.status() == StatusCode::UNAUTHORIZED
                 && attempt == 1
@@ -202,6 +212,27 @@ impl Proxy {
             }
             return Ok(resp);
         }
+    }
+
+    /// What every request to the endpoint starts from: the current token, the endpoint, the
+    /// URI, and the allowed client headers with the token's `Authorization`.
+    async fn sign(
+        &self,
+        target: &Target,
+        client_headers: &HeaderMap,
+    ) -> Result<Signed, ProxyError> {
+        let token = self.inner.tokens.get().await?;
+        let base = self.base(&token)?;
+        let uri = forward::upstream_uri(&base, &target.path_and_query)
+            .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
+        let mut headers = forward::request_headers(client_headers);
+        headers.insert(http::header::AUTHORIZATION, token.authorization());
+        Ok(Signed {
+            token,
+            base,
+            uri,
+            headers,
+        })
     }
 
     /// Records the outcome of one exchange with the endpoint: the breaker and the latency
@@ -241,10 +272,10 @@ impl Proxy {
         }
     }
 
-    /// A blob GET to a plain-HTTP endpoint, with the body spliced ([`crate::splice`]). `None`
-    /// when this one cannot be: a TLS endpoint, or an answer that hyper's path must handle (a
-    /// 401 that wants a fresh token, a redirect, a body without a length), which then goes
-    /// through [`Proxy::stream`] as a new request.
+    /// A blob GET to a plain-HTTP endpoint, with the body spliced ([`crate::splice`]), and the
+    /// same one retry with a fresh token after a 401 as [`Proxy::send_signed`]. `None` when this
+    /// one cannot be: a TLS endpoint, or an answer that only hyper's path relays (a redirect, a
+    /// body without a length), which then goes through [`Proxy::stream`] as a new request.
     #[cfg(target_os = "linux")]
     async fn splice(
         &self,
@@ -253,23 +284,35 @@ impl Proxy {
         client_headers: &HeaderMap,
         slot: &crate::splice::Slot,
     ) -> Result<Option<Served>, ProxyError> {
-        let token = self.inner.tokens.get().await?;
-        let base = self.base(&token)?;
-        if base.scheme() != Some(&http::uri::Scheme::HTTP) {
-            return Ok(None);
-        }
-        let uri = forward::upstream_uri(&base, &target.path_and_query)
-            .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
-        let mut headers = forward::request_headers(client_headers);
-        headers.insert(http::header::AUTHORIZATION, token.authorization());
-        self.inner.breaker.admit()?;
-        let t0 = Instant::now();
-        let answer =
-            self.exchanged(api, &base, t0, self.inner.splicer.get(&uri, &headers).await)?;
+        let mut attempt = 0;
+        let answer = loop {
+            attempt += 1;
+            let Signed {
+                token,
+                base,
+                uri,
+                headers,
+            } = self.sign(target, client_headers).await?;
+            if base.scheme() != Some(&http::uri::Scheme::HTTP) {
+                return Ok(None);
+            }
+            self.inner.breaker.admit()?;
+            let t0 = Instant::now();
+            let answer =
+                self.exchanged(api, &base, t0, self.inner.splicer.get(&uri, &headers).await)?;
+            if answer.status == StatusCode::UNAUTHORIZED
+                && attempt == 1
+                && self.inner.tokens.refused(&token).await
+            {
+                tracing::info!("ECR refused the token; retrying once with a new one");
+                continue;
+            }
+            break answer;
+        };
         let status = answer.status;
         if !answer.spliceable() {
             // An error ends here as it would on hyper's path.
-            if status != StatusCode::UNAUTHORIZED && !status.is_redirection() {
+            if !status.is_redirection() {
                 check_status(status, Missing::Blob)?;
             }
             return Ok(None);

@@ -16,8 +16,8 @@
 //!   a client gets an aborted body, which it retries or takes elsewhere, never zeros.
 //! - The upstream side is [`Client`]: one HTTP/1.1 GET on a pooled connection, with only the
 //!   response head parsed here. Only a 200 or 206 framed by `Content-Length` is spliced; the
-//!   caller sends anything else (a redirect, a 401 that wants a new token, a chunked body) down
-//!   hyper's path instead.
+//!   caller maps errors (and retries a 401 with a new token) as on hyper's path, and sends a
+//!   redirect or a body without a length down hyper's path instead.
 //!
 //! Everything the hyper path guarantees still holds: the header allow-lists (the caller builds
 //! both header sets with [`crate::forward`]), the byte count of the access log, the idle

@@ -525,6 +525,32 @@ async fn a_rotated_token_is_recovered_through_one_401_retry() {
     assert_eq!(statuses, vec![401, 200]);
 }
 
+/// The same for a blob, which takes the spliced path: one 401, one new token, one GET that
+/// succeeds, and the body spliced.
+#[tokio::test]
+async fn a_rotated_token_is_recovered_through_one_401_retry_on_a_spliced_blob() {
+    let mut s = stack().await;
+    let layer = &s.images.alpine.manifests[0].layers[0];
+    let path = format!("/v2/library/alpine/blobs/{}?ns=docker.io", layer.digest);
+    assert_eq!(via(&s.pt, &path, &[]).await.status(), StatusCode::OK);
+    assert_eq!(s.moto.token_calls(), 1);
+    let spliced = "pullthrough_upstream_spliced_bytes_total";
+    let before = s.pt.metric(spliced).await.unwrap();
+
+    s.moto.restart_with_account("210987654321").await;
+    s.registry.set_password(&s.moto.password());
+    s.registry.clear_requests();
+
+    let resp = via(&s.pt, &path, &[]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.body(), &layer.bytes);
+    assert_eq!(s.moto.token_calls(), 2);
+    let statuses: Vec<u16> = s.registry.requests().iter().map(|(_, _, st)| *st).collect();
+    assert_eq!(statuses, vec![401, 200]);
+    let after = s.pt.metric(spliced).await.unwrap();
+    assert!(after > before, "the retried GET was not spliced");
+}
+
 #[tokio::test]
 async fn unknown_registries_get_404_without_an_upstream_call() {
     let s = stack().await;
