@@ -530,7 +530,14 @@ async fn a_rotated_token_is_recovered_through_one_401_retry() {
 #[tokio::test]
 async fn a_rotated_token_is_recovered_through_one_401_retry_on_a_spliced_blob() {
     let mut s = stack().await;
-    let layer = &s.images.alpine.manifests[0].layers[0];
+    // Far larger than what can arrive with the response head, so some of it is always spliced.
+    let layer = Blob::new(
+        crate::support::image::LAYER_TAR,
+        crate::support::image::random_bytes(1024 * 1024, 12),
+    );
+    s.registry
+        .push_blob("docker-hub/library/alpine", &layer)
+        .await;
     let path = format!("/v2/library/alpine/blobs/{}?ns=docker.io", layer.digest);
     assert_eq!(via(&s.pt, &path, &[]).await.status(), StatusCode::OK);
     assert_eq!(s.moto.token_calls(), 1);
