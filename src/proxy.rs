@@ -53,14 +53,6 @@ struct Inner {
     splicer: crate::splice::Client,
 }
 
-/// A request ready to send to the endpoint.
-struct Signed {
-    token: Arc<Token>,
-    base: Uri,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
 /// A successful answer, before logging.
 struct Served {
     response: Response<ProxyBody>,
@@ -175,7 +167,7 @@ impl Proxy {
         }
     }
 
-    /// Sends a signed request; on 401 drops the token and tries once more with a fresh one.
+    /// Sends a signed request through hyper's client.
     async fn send_signed(
         &self,
         api: &ApiRequest,
@@ -183,56 +175,51 @@ impl Proxy {
         target: &Target,
         client_headers: &HeaderMap,
     ) -> Result<Response<IdleTimeout<Incoming>>, ProxyError> {
+        self.exchange_signed(
+            api,
+            target,
+            client_headers,
+            Response::status,
+            |uri, headers| self.inner.forwarder.send(method.clone(), uri, headers),
+        )
+        .await
+    }
+
+    /// One exchange with the endpoint through `send`: the current token's `Authorization` on the
+    /// allowed client headers, the breaker, the latency metric. On a 401 the token is dropped and
+    /// the exchange made once more with a fresh one.
+    async fn exchange_signed<T, Fut>(
+        &self,
+        api: &ApiRequest,
+        target: &Target,
+        client_headers: &HeaderMap,
+        status: impl Fn(&T) -> StatusCode,
+        send: impl Fn(Uri, HeaderMap) -> Fut,
+    ) -> Result<T, ProxyError>
+    where
+        Fut: Future<Output = Result<T, ForwardError>>,
+    {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let Signed {
-                token,
-                base,
-                uri,
-                headers,
-            } = self.sign(target, client_headers).await?;
+            let token = self.inner.tokens.get().await?;
+            let base = self.base(&token)?;
+            let uri = forward::upstream_uri(&base, &target.path_and_query)
+                .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
+            let mut headers = forward::request_headers(client_headers);
+            headers.insert(http::header::AUTHORIZATION, token.authorization());
             self.inner.breaker.admit()?;
             let t0 = Instant::now();
-            let resp = self.exchanged(
-                api,
-                &base,
-                t0,
-                self.inner
-                    .forwarder
-                    .send(method.clone(), uri, headers)
-                    .await,
-            )?;
-            if resp.status() == StatusCode::UNAUTHORIZED
+            let answer = self.exchanged(api, &base, t0, send(uri, headers).await)?;
+            if status(&answer) == StatusCode::UNAUTHORIZED
                 && attempt == 1
                 && self.inner.tokens.refused(&token).await
             {
                 tracing::info!("ECR refused the token; retrying once with a new one");
                 continue;
             }
-            return Ok(resp);
+            return Ok(answer);
         }
-    }
-
-    /// What every request to the endpoint starts from: the current token, the endpoint, the
-    /// URI, and the allowed client headers with the token's `Authorization`.
-    async fn sign(
-        &self,
-        target: &Target,
-        client_headers: &HeaderMap,
-    ) -> Result<Signed, ProxyError> {
-        let token = self.inner.tokens.get().await?;
-        let base = self.base(&token)?;
-        let uri = forward::upstream_uri(&base, &target.path_and_query)
-            .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;
-        let mut headers = forward::request_headers(client_headers);
-        headers.insert(http::header::AUTHORIZATION, token.authorization());
-        Ok(Signed {
-            token,
-            base,
-            uri,
-            headers,
-        })
     }
 
     /// Records the outcome of one exchange with the endpoint: the breaker and the latency
@@ -284,31 +271,21 @@ impl Proxy {
         client_headers: &HeaderMap,
         slot: &crate::splice::Slot,
     ) -> Result<Option<Served>, ProxyError> {
-        let mut attempt = 0;
-        let answer = loop {
-            attempt += 1;
-            let Signed {
-                token,
-                base,
-                uri,
-                headers,
-            } = self.sign(target, client_headers).await?;
-            if base.scheme() != Some(&http::uri::Scheme::HTTP) {
-                return Ok(None);
-            }
-            self.inner.breaker.admit()?;
-            let t0 = Instant::now();
-            let answer =
-                self.exchanged(api, &base, t0, self.inner.splicer.get(&uri, &headers).await)?;
-            if answer.status == StatusCode::UNAUTHORIZED
-                && attempt == 1
-                && self.inner.tokens.refused(&token).await
-            {
-                tracing::info!("ECR refused the token; retrying once with a new one");
-                continue;
-            }
-            break answer;
-        };
+        // A TLS endpoint cannot be spliced: TLS must see every byte.
+        let token = self.inner.tokens.get().await?;
+        if self.base(&token)?.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return Ok(None);
+        }
+        let splicer = &self.inner.splicer;
+        let answer = self
+            .exchange_signed(
+                api,
+                target,
+                client_headers,
+                |a: &crate::splice::Answer| a.status,
+                |uri, headers| async move { splicer.get(&uri, &headers).await },
+            )
+            .await?;
         let status = answer.status;
         if !answer.spliceable() {
             // An error ends here as it would on hyper's path.
