@@ -27,6 +27,6 @@ FROM scratch
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=build /src/target/release/pullthrough /pullthrough
 # The mirror runs as this user. The DaemonSet's hosts installer overrides it with root, for its
-# one container only (see daemonset/daemonset.yaml).
+# one container only (see deploy/node/daemonset.yaml).
 USER 65532:65532
 ENTRYPOINT ["/pullthrough"]

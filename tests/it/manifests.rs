@@ -1,4 +1,4 @@
-//! The Kubernetes manifests (`daemonset/`, `deploy/`) and the IAM examples: every YAML document
+//! The Kubernetes manifests (`deploy/node/`, `deploy/`) and the IAM examples: every YAML document
 //! parses into its typed Kubernetes object with nothing lost (so a misspelt field fails here,
 //! not on a cluster), every kustomization renders, and the DaemonSet has the properties the
 //! README promises.
@@ -258,14 +258,14 @@ fn the_daemonset_has_the_promised_properties() {
         "tolerates every taint: {tolerations:?}"
     );
 
-    // The ConfigMap: kustomize's generated one, holding daemonset/config.toml, mounted by both.
+    // The ConfigMap: kustomize's generated one, holding deploy/node/config.toml, mounted by both.
     let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
     let text = cm["data"]["config.toml"].as_str().unwrap();
     assert_eq!(
         text,
-        std::fs::read_to_string(repo_root().join("daemonset/config.toml")).unwrap()
+        std::fs::read_to_string(repo_root().join("deploy/node/config.toml")).unwrap()
     );
-    let config = pullthrough::config::Config::from_toml_str(text, "daemonset/config.toml").unwrap();
+    let config = pullthrough::config::Config::from_toml_str(text, "deploy/node/config.toml").unwrap();
     assert!(
         config.listen.ip().is_loopback(),
         "the mirror listens on loopback"
@@ -330,7 +330,7 @@ fn the_daemonset_has_the_promised_properties() {
 
 #[test]
 fn uninstall_and_overlays_render() {
-    let docs = render("daemonset/uninstall");
+    let docs = render("deploy/uninstall");
     let ds = daemonset(&docs, "pullthrough-uninstall");
     let pod = pod_spec(&ds);
     let remove = container(&pod, "remove");
@@ -357,11 +357,11 @@ fn uninstall_and_overlays_render() {
         eprintln!("kubectl's kustomize predates components: deploy/* not rendered");
         return;
     }
-    let monitoring = render("deploy/monitoring");
+    let monitoring = render("deploy/examples/monitoring");
     assert!(monitoring.iter().any(|d| d["kind"] == "PodMonitor"));
 
     // Bottlerocket: the mirror alone, nothing of the host mounted.
-    let br = render("deploy/bottlerocket");
+    let br = render("deploy/examples/bottlerocket");
     let pod = pod_spec(&daemonset(&br, "pullthrough"));
     assert_eq!(pod.containers.len(), 1);
     assert_eq!(pod.containers[0].name, "mirror");
@@ -372,7 +372,7 @@ fn uninstall_and_overlays_render() {
 fn iam_examples_grant_the_node_role_what_it_needs() {
     let read = |f: &str| -> Value {
         serde_json::from_str(
-            &std::fs::read_to_string(repo_root().join("daemonset/iam").join(f)).unwrap(),
+            &std::fs::read_to_string(repo_root().join("docs/iam").join(f)).unwrap(),
         )
         .unwrap()
     };
@@ -409,8 +409,8 @@ fn iam_examples_grant_the_node_role_what_it_needs() {
     // the DaemonSet's prefixes; the identity policy covers the same repositories.
     use pullthrough::ecr_ops::policy;
     let config = pullthrough::config::Config::from_toml_str(
-        &std::fs::read_to_string(repo_root().join("daemonset/config.toml")).unwrap(),
-        "daemonset/config.toml",
+        &std::fs::read_to_string(repo_root().join("deploy/node/config.toml")).unwrap(),
+        "deploy/node/config.toml",
     )
     .unwrap();
     let resources: Vec<String> = config
@@ -448,7 +448,7 @@ fn the_webhook_manifests_have_the_promised_properties() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-    let docs = render("daemonset/webhook");
+    let docs = render("deploy/webhook");
     let mwc: MutatingWebhookConfiguration = serde_json::from_value(
         object(&docs, "MutatingWebhookConfiguration", "pullthrough-webhook").clone(),
     )
@@ -555,12 +555,12 @@ fn the_webhook_manifests_have_the_promised_properties() {
         .expect("the TLS secret volume");
 
     if !kustomize_has_components() {
-        eprintln!("kubectl's kustomize predates components: deploy/webhook-* not rendered");
+        eprintln!("kubectl's kustomize predates components: deploy/examples/webhook-* not rendered");
         return;
     }
     // cert-manager: the CA injector reads <namespace>/<Certificate> of the serving certificate,
     // the one writing the Secret the Deployment mounts.
-    let cm = render("deploy/webhook-cert-manager");
+    let cm = render("deploy/examples/webhook-cert-manager");
     let serving = cm
         .iter()
         .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == tls_secret.as_str())
@@ -583,7 +583,7 @@ fn the_webhook_manifests_have_the_promised_properties() {
     );
 
     // Cluster-wide: the opt-in expression is gone, the opt-outs stay.
-    let wide = render("deploy/webhook-cluster-wide");
+    let wide = render("deploy/examples/webhook-cluster-wide");
     assert_eq!(annotation(&wide), Some(want));
     let mwc: MutatingWebhookConfiguration = serde_json::from_value(
         object(&wide, "MutatingWebhookConfiguration", "pullthrough-webhook").clone(),

@@ -25,7 +25,7 @@ use tokio_rustls::client::TlsStream;
 use crate::support::{ChildGuard, free_port, pullthrough_bin, repo_root};
 
 const ECR: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
-/// The DNS name the API server dials, as in `daemonset/webhook`.
+/// The DNS name the API server dials, as in `deploy/webhook`.
 const SERVICE_NAME: &str = "pullthrough-webhook.pullthrough.svc";
 
 const CONFIG: &str = r#"
@@ -706,7 +706,7 @@ fn rewrite_without_a_known_registry_exits_64() {
 
 #[test]
 fn the_manifests_config_is_valid_and_rewrites() {
-    let path = repo_root().join("daemonset/webhook/pullthrough.toml");
+    let path = repo_root().join("deploy/webhook/pullthrough.toml");
     let out = Command::new(pullthrough_bin())
         .args(["rewrite", "--config", path.to_str().unwrap(), "nginx:1.27"])
         .env_remove("AWS_REGION")
