@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the pure functions every mirror request runs before anything touches the
-//! network: routing ([`pullthrough::route::route`]) and mapping ([`pullthrough::map::map`]), in
+//! network: routing ([`pullthrough::mirror::route::route`]) and mapping ([`pullthrough::mirror::map::map`]), in
 //! nanoseconds per call. `cargo bench --bench route_map`.
 //!
 //! The requests are the ones containerd sends on a pull: a manifest by tag, a manifest and a
@@ -14,7 +14,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Method;
 use pullthrough::config::Config;
-use pullthrough::route::{self, Route};
+use pullthrough::mirror::route::{self, Route};
 
 const CONFIG: &str = r#"
 listen = "127.0.0.1:5000"
@@ -102,7 +102,7 @@ fn bench(c: &mut Criterion) {
         };
         let upstream = &upstreams[&api.registry];
         group.bench_function(name, |b| {
-            b.iter(|| pullthrough::map::map(black_box(&api), upstream))
+            b.iter(|| pullthrough::mirror::map::map(black_box(&api), upstream))
         });
     }
     group.finish();
@@ -119,7 +119,7 @@ fn bench(c: &mut Criterion) {
                     None,
                 ) {
                     Ok(Route::Api(api)) => {
-                        pullthrough::map::map(&api, &upstreams[&api.registry]).ok()
+                        pullthrough::mirror::map::map(&api, &upstreams[&api.registry]).ok()
                     }
                     _ => None,
                 }

@@ -11,11 +11,11 @@ use std::sync::LazyLock;
 
 use http::{Method, Uri};
 use pullthrough::config::{Config, ConfigError};
-use pullthrough::reference::{Reference, Rewrite, Rules};
-use pullthrough::route::{self, Route};
+use pullthrough::mirror::route::{self, Route};
+use pullthrough::mirror::{forward, map};
 use pullthrough::webhook::config::Mode;
 use pullthrough::webhook::mutate::{self, Policy};
-use pullthrough::{forward, map};
+use pullthrough::webhook::reference::{Reference, Rewrite, Rules};
 
 /// The config every check runs against: upstreams with a port, a nested prefix and Docker Hub.
 const CONFIG: &str = r#"
@@ -161,14 +161,14 @@ pub fn reference(data: &[u8]) {
     let again = Reference::parse(&normal)
         .unwrap_or_else(|e| panic!("{s:?} normalizes to {normal:?}, which does not parse: {e}"));
     assert_eq!(again, r, "{s:?} → {normal:?} is not a fixed point");
-    match pullthrough::reference::rewrite(&r, rules) {
+    match pullthrough::webhook::reference::rewrite(&r, rules) {
         Rewrite::Rewritten(to) => {
             let t = Reference::parse(&to)
                 .unwrap_or_else(|e| panic!("{s:?} is rewritten to {to:?}, invalid: {e}"));
             assert_eq!(t.registry(), rules.ecr.as_str(), "{s:?} → {to:?}");
             assert_eq!(t.tag(), r.tag(), "{s:?} → {to:?}");
             assert_eq!(t.digest(), r.digest(), "{s:?} → {to:?}");
-            let pullthrough::reference::Domain::Name(registry) = r.domain() else {
+            let pullthrough::webhook::reference::Domain::Name(registry) = r.domain() else {
                 panic!("{s:?}: an IP registry was rewritten to {to:?}");
             };
             let upstream = rules
@@ -182,7 +182,7 @@ pub fn reference(data: &[u8]) {
             );
             assert!(
                 matches!(
-                    pullthrough::reference::rewrite(&t, rules),
+                    pullthrough::webhook::reference::rewrite(&t, rules),
                     Rewrite::Unchanged(_)
                 ),
                 "{to:?} would be rewritten again"

@@ -102,7 +102,7 @@ enum Command {
     /// Set up, check, warm and clean up the account's ECR pull-through cache.
     Ecr {
         #[command(subcommand)]
-        command: pullthrough::ecr_ops::cli::EcrCommand,
+        command: pullthrough::ecr::cli::EcrCommand,
     },
     /// Run the mutating admission webhook (HTTPS `/mutate`, plus probes and metrics) until SIGTERM.
     Webhook {
@@ -206,8 +206,8 @@ fn exit(result: anyhow::Result<bool>) -> ExitCode {
         Err(e) => {
             eprintln!("pullthrough: {e:#}");
             // A region that cannot be found is a config problem, like any other.
-            match e.downcast_ref::<pullthrough::ServeError>() {
-                Some(pullthrough::ServeError::NoRegion) => ExitCode::from(EXIT_USAGE),
+            match e.downcast_ref::<pullthrough::mirror::ServeError>() {
+                Some(pullthrough::mirror::ServeError::NoRegion(_)) => ExitCode::from(EXIT_USAGE),
                 _ if e
                     .downcast_ref::<pullthrough::webhook::WebhookError>()
                     .is_some_and(|w| w.is_usage()) =>
@@ -269,7 +269,7 @@ fn run_serve(config: Config) -> anyhow::Result<bool> {
                 "the mirror is not on loopback: anything that reaches it pulls with this node's ECR identity"
             );
         }
-        let drained = pullthrough::serve(config, mirror, ops, shutdown).await?;
+        let drained = pullthrough::mirror::serve(config, mirror, ops, shutdown).await?;
         if !drained {
             tracing::warn!("exiting with requests still in flight after the shutdown grace period");
         }
@@ -285,7 +285,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 fn run_hosts(config: &Config, dir: &std::path::Path, format: HostsFormat) -> anyhow::Result<bool> {
-    use pullthrough::hosts;
+    use pullthrough::node::hosts;
     match format {
         HostsFormat::Containerd => print_reports(&hosts::install(config, dir)?),
         HostsFormat::RegistriesConf => print!("{}", hosts::render_registries_conf(config)),
@@ -295,7 +295,7 @@ fn run_hosts(config: &Config, dir: &std::path::Path, format: HostsFormat) -> any
 }
 
 fn run_remove(dir: &std::path::Path) -> anyhow::Result<bool> {
-    let reports = pullthrough::hosts::remove(dir)?;
+    let reports = pullthrough::node::hosts::remove(dir)?;
     if reports.is_empty() {
         println!("{}: no files of pullthrough's", dir.display());
     }
@@ -303,7 +303,7 @@ fn run_remove(dir: &std::path::Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn print_reports(reports: &[pullthrough::hosts::Report]) {
+fn print_reports(reports: &[pullthrough::node::hosts::Report]) {
     for r in reports {
         println!("{}: {}", r.path.display(), r.change);
     }
@@ -372,7 +372,7 @@ fn run_rewrite(config: &Config, output: Output, images: &[String]) -> anyhow::Re
 }
 
 /// `pullthrough ecr …`: 0 when everything passed, 1 when something failed, 64 for usage.
-fn run_ecr(config: Config, command: pullthrough::ecr_ops::cli::EcrCommand) -> ExitCode {
+fn run_ecr(config: Config, command: pullthrough::ecr::cli::EcrCommand) -> ExitCode {
     // One crypto provider for every TLS client in the process (ours and the AWS SDK's).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -386,7 +386,7 @@ fn run_ecr(config: Config, command: pullthrough::ecr_ops::cli::EcrCommand) -> Ex
         }
     };
     let mut out = std::io::stdout();
-    match runtime.block_on(pullthrough::ecr_ops::cli::run(config, command, &mut out)) {
+    match runtime.block_on(pullthrough::ecr::cli::run(config, command, &mut out)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

@@ -9,10 +9,10 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::Metrics;
-use crate::respond::{self, ProxyBody};
+use crate::mirror::metrics::Metrics;
+use crate::mirror::respond::{self, ProxyBody};
+use crate::mirror::token::TokenCache;
 use crate::server::{BoxFuture, Handler};
-use crate::sign::TokenCache;
 
 /// How long `/readyz` waits for a token.
 const READY_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
@@ -42,7 +42,7 @@ impl Ops {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
-            // Only the token: not the circuit breaker ([`crate::breaker`] says why), so an ECR
+            // Only the token: not the circuit breaker ([`crate::mirror::breaker`] says why), so an ECR
             // outage never makes `pullthrough node` or kubelet take the mirror out.
             // Bounded below kubelet's default 1 s probe timeout: a fetch that takes longer (the
             // SDK retrying) answers "not ready" now rather than a probe timeout later.

@@ -41,10 +41,10 @@ use tokio::sync::Semaphore;
 use toml::Spanned;
 
 use crate::config::{ConfigError, Locator};
-use crate::respond::{ErrorCode, ProxyBody};
+use crate::mirror::respond::{ErrorCode, ProxyBody};
 
 /// The most a connection buffers for writing (and for reading a request head). Together with
-/// [`crate::forward::UPSTREAM_READ_BUF`] this bounds the memory of a streamed blob to about
+/// [`crate::mirror::forward::UPSTREAM_READ_BUF`] this bounds the memory of a streamed blob to about
 /// 128 KiB, so many concurrent pulls stay small; hyper's default is 400 KiB.
 pub const MAX_BUF: usize = 64 * 1024;
 
@@ -62,7 +62,10 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Something that answers requests and never fails.
 pub trait Handler: Send + Sync + 'static {
     /// The response body.
-    type Body: Body<Data = Bytes, Error = crate::respond::BodyError> + Send + Unpin + 'static;
+    type Body: Body<Data = Bytes, Error = crate::mirror::respond::BodyError>
+        + Send
+        + Unpin
+        + 'static;
     /// Answers one request.
     fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<Self::Body>>;
 }
@@ -141,7 +144,7 @@ pub(crate) fn validate(raw: &RawServer, at: Locator<'_>) -> Result<Limits, Confi
 }
 
 /// A request the server answers itself, before any handler sees it. Each becomes an OCI error
-/// through [`crate::respond::error_response`], with `Connection: close`.
+/// through [`crate::mirror::respond::error_response`], with `Connection: close`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
     /// A GET or HEAD that announces a body: no client of a pull mirror sends one, and a body
@@ -194,7 +197,8 @@ impl Refused {
     pub fn into_response(self, head: bool) -> Response<ProxyBody> {
         let (status, code) = self.classify();
         tracing::debug!(error = %self, "refused request");
-        let mut resp = crate::respond::error_response(status, code, &self.to_string(), head);
+        let mut resp =
+            crate::mirror::respond::error_response(status, code, &self.to_string(), head);
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
         resp
@@ -211,10 +215,10 @@ pub enum ServerBody<B> {
 
 impl<B> Body for ServerBody<B>
 where
-    B: Body<Data = Bytes, Error = crate::respond::BodyError> + Unpin,
+    B: Body<Data = Bytes, Error = crate::mirror::respond::BodyError> + Unpin,
 {
     type Data = Bytes;
-    type Error = crate::respond::BodyError;
+    type Error = crate::mirror::respond::BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -270,10 +274,10 @@ pub async fn serve<H: Handler>(
     .await
 }
 
-/// A plain connection: on Linux it can send blob bodies with `splice(2)` ([`crate::splice`]).
+/// A plain connection: on Linux it can send blob bodies with `splice(2)` ([`crate::mirror::splice`]).
 #[cfg(target_os = "linux")]
-fn plain(stream: TcpStream) -> crate::splice::SpliceIo {
-    crate::splice::SpliceIo::new(stream)
+fn plain(stream: TcpStream) -> crate::mirror::splice::SpliceIo {
+    crate::mirror::splice::SpliceIo::new(stream)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -288,7 +292,7 @@ pub trait Connection:
     /// The pipe for zero-copy bodies on this connection; handlers find it in each request's
     /// extensions. Only plain TCP has one: TLS must see every byte.
     #[cfg(target_os = "linux")]
-    fn splice_slot(&self) -> Option<crate::splice::Slot> {
+    fn splice_slot(&self) -> Option<crate::mirror::splice::Slot> {
         None
     }
 }
@@ -298,8 +302,8 @@ impl Connection for TcpStream {}
 impl Connection for tokio_rustls::server::TlsStream<TcpStream> {}
 
 #[cfg(target_os = "linux")]
-impl Connection for crate::splice::SpliceIo {
-    fn splice_slot(&self) -> Option<crate::splice::Slot> {
+impl Connection for crate::mirror::splice::SpliceIo {
+    fn splice_slot(&self) -> Option<crate::mirror::splice::Slot> {
         Some(self.slot())
     }
 }
@@ -439,7 +443,7 @@ where
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
                         // A queue of the body's own buffers, never copied: spliced bodies
-                        // depend on it (crate::splice).
+                        // depend on it (crate::mirror::splice).
                         .writev(true)
                         .max_buf_size(MAX_BUF)
                         .max_header_size(MAX_HEAD)

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod explain;
 pub mod mutate;
+pub mod reference;
 pub mod tls;
 
 use std::collections::BTreeSet;
@@ -37,10 +38,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, Registry};
-use crate::reference::Rules;
-use crate::respond::{self, ProxyBody};
+use crate::mirror::respond::{self, ProxyBody};
 use crate::server::{self, BoxFuture, Handler};
 use crate::webhook::mutate::{Decision, Mutation, Policy};
+use crate::webhook::reference::Rules;
 use crate::webhook::tls::{ReloadCounters, ReloadingCert, TlsError};
 
 /// Largest request body read. An `AdmissionReview` holds the pod twice (object and oldObject),
@@ -83,7 +84,9 @@ impl WebhookError {
 /// the caller's (the environment's). No AWS call: the webhook needs no AWS identity.
 pub fn ecr_registry(config: &Config, region: Option<&str>) -> Result<Registry, WebhookError> {
     let region = config.ecr.region.as_deref().or(region);
-    let base = crate::registry_base(&config.ecr, region)
+    let base = config
+        .ecr
+        .registry_base(region)
         .map_err(|_| WebhookError::NoRegistry)?
         .ok_or(WebhookError::NoRegistry)?;
     // `:443` is dropped as the reference parser drops it, or images already on this registry
@@ -515,7 +518,7 @@ impl WebhookServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::{Reason, Rewrite, rewrite_str};
+    use crate::webhook::reference::{Reason, Rewrite, rewrite_str};
     use rstest::rstest;
 
     const ECR: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";

@@ -31,8 +31,8 @@ use kube_core::admission::{
 use kube_core::{DynamicObject, TypeMeta};
 use serde_json::Value;
 
-use crate::reference::{Reason, Rewrite, Rules, rewrite_str};
-use crate::webhook::config::Mode;
+use super::config::Mode;
+use super::reference::{Reason, Rewrite, Rules, rewrite_str};
 
 /// Pods (and namespaces, through the webhook's `namespaceSelector`) with this label set to
 /// `"true"` are never changed.

@@ -75,7 +75,7 @@ fn write_config(dir: &Path, text: &str) -> String {
 
 /// An SDK client on moto, for arranging and inspecting repositories.
 fn moto_client(moto: &Moto) -> aws_sdk_ecr::Client {
-    let http = pullthrough::forward::SdkHttpClient::new().expect("SDK HTTP client");
+    let http = pullthrough::mirror::forward::SdkHttpClient::new().expect("SDK HTTP client");
     let conf = aws_sdk_ecr::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(moto.endpoint())

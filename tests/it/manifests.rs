@@ -265,7 +265,8 @@ fn the_daemonset_has_the_promised_properties() {
         text,
         std::fs::read_to_string(repo_root().join("deploy/node/config.toml")).unwrap()
     );
-    let config = pullthrough::config::Config::from_toml_str(text, "deploy/node/config.toml").unwrap();
+    let config =
+        pullthrough::config::Config::from_toml_str(text, "deploy/node/config.toml").unwrap();
     assert!(
         config.listen.ip().is_loopback(),
         "the mirror listens on loopback"
@@ -407,7 +408,7 @@ fn iam_examples_grant_the_node_role_what_it_needs() {
     );
     // The very statement `pullthrough ecr setup` writes (and later recognizes by its Sid) for
     // the DaemonSet's prefixes; the identity policy covers the same repositories.
-    use pullthrough::ecr_ops::policy;
+    use pullthrough::ecr::policy;
     let config = pullthrough::config::Config::from_toml_str(
         &std::fs::read_to_string(repo_root().join("deploy/node/config.toml")).unwrap(),
         "deploy/node/config.toml",
@@ -555,7 +556,9 @@ fn the_webhook_manifests_have_the_promised_properties() {
         .expect("the TLS secret volume");
 
     if !kustomize_has_components() {
-        eprintln!("kubectl's kustomize predates components: deploy/examples/webhook-* not rendered");
+        eprintln!(
+            "kubectl's kustomize predates components: deploy/examples/webhook-* not rendered"
+        );
         return;
     }
     // cert-manager: the CA injector reads <namespace>/<Certificate> of the serving certificate,

@@ -3,9 +3,9 @@
 //!
 //! 1. waits until the mirror's `/readyz` answers 200, so containerd is never pointed at a mirror
 //!    that cannot serve yet;
-//! 2. checks that containerd reads `certs.d` at all ([`crate::containerd_config`]), and reports
+//! 2. checks that containerd reads `certs.d` at all ([`containerd_config`]), and reports
 //!    not-ready, with a log line and a metric, when it does not;
-//! 3. installs the `hosts.toml` files ([`crate::hosts::install`]) and keeps them right, re-checking
+//! 3. installs the `hosts.toml` files ([`hosts::install`]) and keeps them right, re-checking
 //!    every `resync`;
 //! 4. on SIGTERM exits and leaves the files in place. A restarting or updating pod must not flap
 //!    them, and leaving them is safe: with the mirror gone, containerd's connect is refused at
@@ -15,6 +15,9 @@
 //! as ready: that is the uninstall DaemonSet, whose readiness on every node means "removed".
 //!
 //! Its own `/healthz`, `/readyz` and `/metrics` are served on a separate listener.
+
+pub mod containerd_config;
+pub mod hosts;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -36,11 +39,11 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use self::containerd_config::ConfigPath;
+use self::hosts::Change;
 use crate::config::Config;
-use crate::containerd_config::{self, ConfigPath};
-use crate::hosts::{self, Change};
+use crate::mirror::respond::ProxyBody;
 use crate::ops;
-use crate::respond::ProxyBody;
 use crate::server::{self, BoxFuture, Handler};
 
 /// How often to ask the mirror whether it is ready, before the first install.

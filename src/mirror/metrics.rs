@@ -52,7 +52,7 @@ pub struct Metrics {
     pub manifest_cache_hits: Counter,
     /// Manifest requests that had to go to ECR.
     pub manifest_cache_misses: Counter,
-    /// 1 while the circuit breaker towards the ECR endpoint is open ([`crate::breaker`]).
+    /// 1 while the circuit breaker towards the ECR endpoint is open ([`super::breaker`]).
     pub breaker_open: Gauge,
     /// Requests answered 503 at once because the breaker was open.
     pub breaker_fast_failures: Counter,

@@ -22,14 +22,14 @@ use http::{HeaderValue, Uri};
 use moka::ops::compute::Op;
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use super::metrics::Metrics;
 
 /// Loads the AWS SDK config the way every command does: the default credential chain (IMDS on a
 /// node, IRSA, Pod Identity), TLS by rustls with ring (the process's one crypto provider), and
 /// `ecr.region` over the chain's region. `AWS_ENDPOINT_URL_ECR` points it elsewhere (tests).
 pub async fn sdk_config(config: &crate::config::Config) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    match crate::forward::SdkHttpClient::new() {
+    match super::forward::SdkHttpClient::new() {
         Ok(client) => loader = loader.http_client(client),
         // Only a broken TLS setup gets here; the SDK then fails each call with a clear error.
         Err(e) => tracing::error!(error = %e, "no HTTP client for the AWS SDK"),

@@ -1,10 +1,10 @@
 //! The mirror service: route → map → sign → forward → respond, for one request.
 //!
-//! [`Proxy::handle`] never fails: every error becomes a response in [`crate::respond`], and every
+//! [`Proxy::handle`] never fails: every error becomes a response in [`super::respond`], and every
 //! response is wrapped in the access log. Manifests are read whole (they are small and bounded)
 //! so that they can be verified, cached and answered to HEAD with their true size; blobs, tag
 //! lists and referrers stream straight through. On Linux a blob GET to a plain-HTTP endpoint is
-//! spliced ([`crate::splice`]): its bytes go from socket to socket without entering user space.
+//! spliced ([`super::splice`]): its bytes go from socket to socket without entering user space.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,16 +16,16 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
-use crate::accesslog::{Entry, LoggedBody};
-use crate::breaker::Breaker;
-use crate::cache::{CachedManifest, ManifestCache};
+use super::accesslog::{Entry, LoggedBody};
+use super::breaker::Breaker;
+use super::cache::{CachedManifest, ManifestCache};
+use super::forward::{self, ForwardError, Forwarder, IdleTimeout};
+use super::map::{self, Target};
+use super::metrics::{Metrics, UpstreamLabels};
+use super::respond::{self, API_VERSION, API_VERSION_HEADER, Missing, ProxyBody, ProxyError};
+use super::route::{self, ApiRequest, Kind, Reference, Route};
+use super::token::{Token, TokenCache};
 use crate::config::Config;
-use crate::forward::{self, ForwardError, Forwarder, IdleTimeout};
-use crate::map::{self, Target};
-use crate::metrics::{Metrics, UpstreamLabels};
-use crate::respond::{self, API_VERSION, API_VERSION_HEADER, Missing, ProxyBody, ProxyError};
-use crate::route::{self, ApiRequest, Kind, Reference, Route};
-use crate::sign::{Token, TokenCache};
 
 /// Largest manifest accepted from ECR; registries (ECR included) refuse larger ones on push.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -50,7 +50,7 @@ struct Inner {
     breaker: Breaker,
     /// Blob GETs to a plain-HTTP endpoint, spliced.
     #[cfg(target_os = "linux")]
-    splicer: crate::splice::Client,
+    splicer: super::splice::Client,
 }
 
 /// A successful answer, before logging.
@@ -74,7 +74,7 @@ impl Proxy {
         let breaker = Breaker::new(config.breaker, forwarder.clone(), metrics.clone());
         #[cfg(target_os = "linux")]
         let splicer =
-            crate::splice::Client::new(config.timeouts.connect, config.timeouts.response_headers);
+            super::splice::Client::new(config.timeouts.connect, config.timeouts.response_headers);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -156,7 +156,7 @@ impl Proxy {
             }
             Kind::Blob(_) if !head => {
                 #[cfg(target_os = "linux")]
-                if let Some(slot) = req.extensions().get::<crate::splice::Slot>()
+                if let Some(slot) = req.extensions().get::<super::splice::Slot>()
                     && let Some(served) = self.splice(&api, &target, req.headers(), slot).await?
                 {
                     return Ok(served);
@@ -259,7 +259,7 @@ impl Proxy {
         }
     }
 
-    /// A blob GET to a plain-HTTP endpoint, with the body spliced ([`crate::splice`]), and the
+    /// A blob GET to a plain-HTTP endpoint, with the body spliced ([`super::splice`]), and the
     /// same one retry with a fresh token after a 401 as [`Proxy::send_signed`]. `None` when this
     /// one cannot be: a TLS endpoint, or an answer that only hyper's path relays (a redirect, a
     /// body without a length), which then goes through [`Proxy::stream`] as a new request.
@@ -269,7 +269,7 @@ impl Proxy {
         api: &ApiRequest,
         target: &Target,
         client_headers: &HeaderMap,
-        slot: &crate::splice::Slot,
+        slot: &super::splice::Slot,
     ) -> Result<Option<Served>, ProxyError> {
         // A TLS endpoint cannot be spliced: TLS must see every byte.
         let token = self.inner.tokens.get().await?;
@@ -282,7 +282,7 @@ impl Proxy {
                 api,
                 target,
                 client_headers,
-                |a: &crate::splice::Answer| a.status,
+                |a: &super::splice::Answer| a.status,
                 |uri, headers| async move { splicer.get(&uri, &headers).await },
             )
             .await?;

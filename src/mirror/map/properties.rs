@@ -1,5 +1,5 @@
-//! Property tests (proptest) of the trust boundary that [`crate::route`], [`crate::map`] and
-//! [`crate::forward::upstream_uri`] form together: whatever path and query a client sends,
+//! Property tests (proptest) of the trust boundary that [`crate::mirror::route`], [`crate::mirror::map`] and
+//! [`crate::mirror::forward::upstream_uri`] form together: whatever path and query a client sends,
 //!
 //! - every mapped upstream path stays under `/v2/<prefix>/` of its upstream: no `..`, `.`,
 //!   empty segment or percent-escape survives to move it up or sideways;
@@ -15,9 +15,9 @@ use http::{Method, Uri};
 use proptest::prelude::*;
 
 use crate::config::{Registry, Upstream, valid_prefix};
-use crate::forward::upstream_uri;
-use crate::map::map;
-use crate::route::{Route, route};
+use crate::mirror::forward::upstream_uri;
+use crate::mirror::map::map;
+use crate::mirror::route::{Route, route};
 
 const SHA: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 

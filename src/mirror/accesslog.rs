@@ -9,8 +9,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::metrics::{Metrics, RequestLabels, UpstreamLabels};
-use crate::respond::{BodyError, ProxyBody};
+use super::metrics::{Metrics, RequestLabels, UpstreamLabels};
+use super::respond::{BodyError, ProxyBody};
 
 /// What one request did, filled in along the way.
 #[derive(Debug, Clone)]

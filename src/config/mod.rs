@@ -77,9 +77,9 @@ pub struct RawConfig {
     #[serde(default)]
     webhook: crate::webhook::config::RawWebhook,
     #[serde(default)]
-    ecr_setup: crate::ecr_ops::settings::RawEcrSetup,
+    ecr_setup: crate::ecr::settings::RawEcrSetup,
     #[serde(default)]
-    breaker: crate::breaker::RawBreaker,
+    breaker: crate::mirror::breaker::RawBreaker,
     #[serde(default)]
     server: crate::server::RawServer,
 }
@@ -134,9 +134,9 @@ pub struct Config {
     /// `[webhook]`: the admission webhook and `pullthrough rewrite`.
     pub webhook: crate::webhook::config::WebhookConfig,
     /// `[ecr_setup]`: what `pullthrough ecr setup` creates besides the rules.
-    pub ecr_setup: crate::ecr_ops::settings::EcrSetup,
+    pub ecr_setup: crate::ecr::settings::EcrSetup,
     /// `[breaker]`: failing fast while the ECR endpoint refuses or hangs.
-    pub breaker: crate::breaker::BreakerConfig,
+    pub breaker: crate::mirror::breaker::BreakerConfig,
     /// `[server]`: header read timeout and connection limit of each listener.
     pub server: crate::server::Limits,
 }
@@ -153,6 +153,35 @@ pub struct EcrConfig {
     /// An extra PEM CA bundle to trust for the registry endpoint.
     pub ca_file: Option<PathBuf>,
 }
+
+impl EcrConfig {
+    /// The ECR registry URL when config determines it: `ecr.endpoint`, or the account's host name
+    /// in `region`. `None` means "use the token's `proxyEndpoint`".
+    pub fn registry_base(&self, region: Option<&str>) -> Result<Option<Uri>, NoRegion> {
+        if let Some(e) = &self.endpoint {
+            return Ok(Some(e.clone()));
+        }
+        let Some(account) = &self.account else {
+            return Ok(None);
+        };
+        let region = region.ok_or(NoRegion)?;
+        let suffix = if region.starts_with("cn-") {
+            "amazonaws.com.cn"
+        } else {
+            "amazonaws.com"
+        };
+        let url = format!("https://{account}.dkr.ecr.{region}.{suffix}");
+        Ok(Some(parse_base_url(&url).ok_or(NoRegion)?))
+    }
+}
+
+/// `ecr.account` is set but no region could be found to build the registry host name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "ecr.account is set but no AWS region was found (ecr.region, AWS_REGION, profile or IMDS): \
+     set ecr.region or ecr.endpoint"
+)]
+pub struct NoRegion;
 
 /// A configured upstream registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -466,14 +495,14 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             .unwrap_or(64 * 1024 * 1024);
 
         let webhook = crate::webhook::config::validate(&raw.webhook, at)?;
-        let ecr_setup = crate::ecr_ops::settings::EcrSetup::validate(
+        let ecr_setup = crate::ecr::settings::EcrSetup::validate(
             &raw.ecr_setup,
             &upstreams,
             ecr.region.as_deref(),
             ecr.account.as_deref(),
         )
         .map_err(|e| at.err(&e.span, &e.key, e.message))?;
-        let breaker = crate::breaker::validate(&raw.breaker, at)?;
+        let breaker = crate::mirror::breaker::validate(&raw.breaker, at)?;
         let server = crate::server::validate(&raw.server, at)?;
 
         Ok(Config {
@@ -687,7 +716,7 @@ fn validate_upstreams(
 /// ECR's `ecrRepositoryPrefix`: 2-30 characters of `[a-z0-9._/-]`, where separators sit only
 /// between alphanumerics, as in a repository name.
 pub(crate) fn valid_prefix(p: &str) -> bool {
-    (2..=30).contains(&p.len()) && crate::route::valid_name(p)
+    (2..=30).contains(&p.len()) && crate::mirror::route::valid_name(p)
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //!
 //! Why: ECR fills its cache only from a pull by tag. A workload pinned by digest misses the
 //! cache until something has pulled its tag once; warm is that something. It uses the mirror's
-//! own pieces: [`crate::reference`] to normalize the image, [`crate::map`] for the ECR
-//! repository, [`crate::sign`] for the token and [`crate::forward`] for the HTTP client.
+//! own pieces: [`crate::webhook::reference`] to normalize the image, [`crate::mirror::map`] for the ECR
+//! repository, [`crate::mirror::token`] for the token and [`crate::mirror::forward`] for the HTTP client.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -16,9 +16,9 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 
 use crate::config::{Config, Registry};
-use crate::forward::{ForwardError, Forwarder};
-use crate::reference::Reference;
-use crate::sign::{TokenCache, TokenError};
+use crate::mirror::forward::{ForwardError, Forwarder};
+use crate::mirror::token::{TokenCache, TokenError};
+use crate::webhook::reference::Reference;
 
 /// Manifest media types warm asks for: OCI and Docker, single and multi-platform.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -94,7 +94,7 @@ pub fn target(config: &Config, image: &str) -> Result<WarmTarget, WarmError> {
         )));
     };
     let upstream = &config.upstreams[&registry];
-    let repository = crate::map::ecr_repository(&registry, r.repository(), upstream)
+    let repository = crate::mirror::map::ecr_repository(&registry, r.repository(), upstream)
         .map_err(|e| WarmError::Image(e.to_string()))?;
     Ok(WarmTarget {
         image: format!("{}/{}:{tag}", r.registry(), r.repository()),
@@ -146,10 +146,11 @@ impl Fetcher {
             .or_else(|| token.proxy_endpoint.clone())
             .ok_or(WarmError::NoEndpoint)?;
         let path = format!("/v2/{repository}/manifests/{reference}");
-        let uri = crate::forward::upstream_uri(&base, &path).ok_or_else(|| WarmError::Body {
-            path: path.clone(),
-            message: "not a valid URL".into(),
-        })?;
+        let uri =
+            crate::mirror::forward::upstream_uri(&base, &path).ok_or_else(|| WarmError::Body {
+                path: path.clone(),
+                message: "not a valid URL".into(),
+            })?;
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
         headers.insert(AUTHORIZATION, token.authorization());
@@ -217,7 +218,7 @@ pub fn children(media_type: &str, body: &Bytes) -> Vec<String> {
         .map(|m| {
             m.iter()
                 .filter_map(|d| d["digest"].as_str())
-                .filter(|d| crate::route::Digest::parse(d).is_some())
+                .filter(|d| crate::mirror::route::Digest::parse(d).is_some())
                 .map(str::to_owned)
                 .collect()
         })

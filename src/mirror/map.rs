@@ -5,8 +5,8 @@
 //! names are shorthand for `library/<name>`; no other registry, and no multi-segment name, ever
 //! gets `library/`.
 
+use super::route::{ApiRequest, Kind};
 use crate::config::{Registry, Upstream};
-use crate::route::{ApiRequest, Kind};
 
 /// ECR's limit on a repository name, prefix included.
 pub const ECR_MAX_REPOSITORY_LEN: usize = 256;
@@ -80,8 +80,8 @@ mod properties;
 
 #[cfg(test)]
 mod tests {
+    use crate::mirror::route::{Digest, Reference};
     use super::*;
-    use crate::route::{Digest, Reference};
     use rstest::rstest;
 
     const SHA: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

@@ -4,7 +4,7 @@
 //! request each, and falls back to the real registry per request. With only a timeout, a hung
 //! ECR endpoint costs one full response-header timeout on *every* one of those requests (about
 //! 150 s for one pull with 30 s timeouts). So after a failed connect or a response-header timeout
-//! the breaker *opens*: the mirror answers 503 at once (through [`crate::respond`]) and
+//! the breaker *opens*: the mirror answers 503 at once (through [`super::respond`]) and
 //! containerd goes upstream without waiting, while a background probe checks the endpoint every
 //! `breaker.cooldown` (like Envoy's outlier detection). The first success, a probe's or a
 //! request's already in flight, closes it. Error statuses (500, 503, 429) do not open it: they
@@ -25,9 +25,9 @@ use http::{HeaderMap, Method, Uri};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::forward::{self, Forwarder};
+use super::metrics::Metrics;
 use crate::config::{ConfigError, Locator};
-use crate::forward::{self, Forwarder};
-use crate::metrics::Metrics;
 
 /// Default `breaker.cooldown`.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(5);

@@ -14,7 +14,7 @@ use aws_sdk_ecr::types::{
 
 use super::EcrOpsError;
 use super::setup::{Op, Plan, RuleSpec, Step, TemplateSpec};
-pub use crate::sign::sdk_config;
+pub use crate::mirror::token::sdk_config;
 
 /// Maps an SDK error to a clear one. `op` is the API operation, e.g. `PutRegistryPolicy`.
 pub fn api_error<E>(
@@ -355,8 +355,8 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::ecr_ops::cli::run_setup;
-    use crate::ecr_ops::setup::tests as st;
+    use crate::ecr::cli::run_setup;
+    use crate::ecr::setup::tests as st;
 
     /// An ECR registry's pull-through state, kept by the mocks.
     #[derive(Default)]
@@ -605,7 +605,7 @@ mod tests {
             );
             assert_eq!(
                 policy["Statement"][1]["Sid"],
-                crate::ecr_ops::policy::STATEMENT_SID
+                crate::ecr::policy::STATEMENT_SID
             );
         }
         // Templates and the nodes' permission first: a rule lets nodes create repositories at

@@ -1,7 +1,7 @@
 //! Image references: parse a pod's `image` string with the distribution/reference grammar,
 //! normalize it the way containerd and Docker do, and decide whether (and to what) it is rewritten
 //! on the ECR pull-through cache. Pure, no IO: the webhook and `pullthrough rewrite` call it, and
-//! the ECR path itself comes from [`crate::map`], the mapping the mirror uses.
+//! the ECR path itself comes from [`crate::mirror::map`], the mapping the mirror uses.
 //!
 //! The decision is deliberately conservative. A reference is rewritten only when its registry,
 //! after normalization, is exactly a configured upstream (aliases folded by
@@ -11,7 +11,7 @@
 //! is left unchanged with a [`Reason`], because a pod that keeps its original image still runs.
 //!
 //! ```
-//! use pullthrough::reference::Reference;
+//! use pullthrough::webhook::reference::Reference;
 //! let r = Reference::parse("index.docker.io/nginx").unwrap();
 //! assert_eq!(r.registry(), "docker.io");
 //! assert_eq!(r.repository(), "library/nginx");
@@ -25,8 +25,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use crate::config::{Registry, Upstream};
-use crate::map::{self, MapError};
-use crate::route::{MAX_NAME_LEN, valid_name, valid_tag};
+use crate::mirror::map::{self, MapError};
+use crate::mirror::route::{MAX_NAME_LEN, valid_name, valid_tag};
 
 /// The tag a reference with neither tag nor digest gets.
 pub const DEFAULT_TAG: &str = "latest";

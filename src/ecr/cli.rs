@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::setup::{Action, Target};
 use super::{EcrOpsError, aws, check, cleanup, setup, warm};
 use crate::config::Config;
-use crate::forward::Forwarder;
-use crate::metrics::Metrics;
-use crate::sign::{EcrTokenSource, TokenCache};
+use crate::mirror::forward::Forwarder;
+use crate::mirror::metrics::Metrics;
+use crate::mirror::token::{EcrTokenSource, TokenCache};
 
 /// `pullthrough ecr …`.
 #[derive(Subcommand, Debug)]
@@ -263,8 +263,10 @@ fn fetcher(
 ) -> Result<warm::Fetcher, EcrOpsError> {
     let forwarder = Forwarder::new(&config.timeouts, config.ecr.ca_file.as_deref())
         .map_err(|e| EcrOpsError::Usage(e.to_string()))?;
-    let base =
-        crate::registry_base(&config.ecr, region).map_err(|e| EcrOpsError::Usage(e.to_string()))?;
+    let base = config
+        .ecr
+        .registry_base(region)
+        .map_err(|e| EcrOpsError::Usage(e.to_string()))?;
     let tokens = TokenCache::new(
         Arc::new(EcrTokenSource::new(client.clone())),
         Metrics::new().0,

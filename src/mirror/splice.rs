@@ -20,7 +20,7 @@
 //!   redirect or a body without a length down hyper's path instead.
 //!
 //! Everything the hyper path guarantees still holds: the header allow-lists (the caller builds
-//! both header sets with [`crate::forward`]), the byte count of the access log, the idle
+//! both header sets with [`super::forward`]), the byte count of the access log, the idle
 //! timeout on the upstream, and an aborted client connection when the upstream fails mid-body.
 //! TLS endpoints (ECR itself) cannot be spliced, since the bytes must be decrypted; there, and
 //! for everything that is not a blob, nothing changes.
@@ -41,8 +41,8 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::forward::{BodyStalled, ForwardError};
-use crate::respond::BodyError;
+use super::forward::{BodyStalled, ForwardError};
+use super::respond::BodyError;
 
 /// The most one placeholder chunk, and so one splice from the upstream, carries. The pipe is
 /// asked for this capacity too; four times the default means a quarter of the wakeups.
@@ -63,7 +63,7 @@ const MAX_RESPONSE_HEADERS: usize = 64;
 /// Idle upstream connections kept for reuse. Beyond it a finished connection is closed.
 const MAX_IDLE: usize = 32;
 /// An idle connection older than this is closed instead of reused: under the ~60 s idle timeout
-/// of load balancers and NAT on the way, as for hyper's pool in [`crate::forward`].
+/// of load balancers and NAT on the way, as for hyper's pool in [`super::forward`].
 const IDLE_FOR: Duration = Duration::from_secs(50);
 
 /// Whether `buf` is (part of) a placeholder chunk.

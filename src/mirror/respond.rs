@@ -11,10 +11,10 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 
-use crate::breaker::BreakerError;
-use crate::map::MapError;
-use crate::route::RouteError;
-use crate::sign::TokenError;
+use super::breaker::BreakerError;
+use super::map::MapError;
+use super::route::RouteError;
+use super::token::TokenError;
 
 /// The body type every response uses: streamed from upstream, or built here.
 pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BodyError>;

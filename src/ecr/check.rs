@@ -13,7 +13,7 @@ use super::policy;
 use super::setup::{Desired, RuleSpec, Target, TemplateSpec};
 use super::warm::{Fetcher, target};
 use crate::config::Config;
-use crate::sign::{EcrTokenSource, TokenSource};
+use crate::mirror::token::{EcrTokenSource, TokenSource};
 
 /// A check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -347,7 +347,7 @@ fn target_or(config: &Config, image: &str) -> Result<super::warm::WarmTarget, St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ecr_ops::setup::{self, tests as st};
+    use crate::ecr::setup::{self, tests as st};
     use rstest::rstest;
 
     fn desired() -> Desired {
