@@ -10,7 +10,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use pullthrough::config::Config;
-use pullthrough::webhook::reference::{Reference, rewrite};
+use pullthrough::webhook::reference::Reference;
+use pullthrough::webhook::rewrite::rewrite;
 
 const CONFIG: &str = r#"
 [ecr]

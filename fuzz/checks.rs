@@ -15,7 +15,8 @@ use pullthrough::mirror::route::{self, Route};
 use pullthrough::mirror::{forward, map};
 use pullthrough::webhook::config::Mode;
 use pullthrough::webhook::mutate::{self, Policy};
-use pullthrough::webhook::reference::{Reference, Rewrite, Rules};
+use pullthrough::webhook::reference::Reference;
+use pullthrough::webhook::rewrite::{Rewrite, Rules};
 
 /// The config every check runs against: upstreams with a port, a nested prefix and Docker Hub.
 const CONFIG: &str = r#"
@@ -161,7 +162,7 @@ pub fn reference(data: &[u8]) {
     let again = Reference::parse(&normal)
         .unwrap_or_else(|e| panic!("{s:?} normalizes to {normal:?}, which does not parse: {e}"));
     assert_eq!(again, r, "{s:?} → {normal:?} is not a fixed point");
-    match pullthrough::webhook::reference::rewrite(&r, rules) {
+    match pullthrough::webhook::rewrite::rewrite(&r, rules) {
         Rewrite::Rewritten(to) => {
             let t = Reference::parse(&to)
                 .unwrap_or_else(|e| panic!("{s:?} is rewritten to {to:?}, invalid: {e}"));
@@ -182,7 +183,7 @@ pub fn reference(data: &[u8]) {
             );
             assert!(
                 matches!(
-                    pullthrough::webhook::reference::rewrite(&t, rules),
+                    pullthrough::webhook::rewrite::rewrite(&t, rules),
                     Rewrite::Unchanged(_)
                 ),
                 "{to:?} would be rewritten again"

@@ -287,7 +287,9 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 fn run_hosts(config: &Config, dir: &std::path::Path, format: HostsFormat) -> anyhow::Result<bool> {
     use pullthrough::node::hosts;
     match format {
-        HostsFormat::Containerd => print_reports(&hosts::install(config, dir)?),
+        HostsFormat::Containerd => {
+            print_reports(&pullthrough::node::install::install(config, dir)?)
+        }
         HostsFormat::RegistriesConf => print!("{}", hosts::render_registries_conf(config)),
         HostsFormat::Bottlerocket => print!("{}", hosts::render_bottlerocket(config)),
     }
@@ -295,7 +297,7 @@ fn run_hosts(config: &Config, dir: &std::path::Path, format: HostsFormat) -> any
 }
 
 fn run_remove(dir: &std::path::Path) -> anyhow::Result<bool> {
-    let reports = pullthrough::node::hosts::remove(dir)?;
+    let reports = pullthrough::node::install::remove(dir)?;
     if reports.is_empty() {
         println!("{}: no files of pullthrough's", dir.display());
     }
@@ -303,7 +305,7 @@ fn run_remove(dir: &std::path::Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn print_reports(reports: &[pullthrough::node::hosts::Report]) {
+fn print_reports(reports: &[pullthrough::node::install::Report]) {
     for r in reports {
         println!("{}: {}", r.path.display(), r.change);
     }

@@ -1,4 +1,5 @@
-//! The HTTP/1 server loop shared by the mirror and the ops listener.
+//! The HTTP/1 server loop shared by every listener of every program (the mirror, the ops
+//! listeners, the node agent and the webhook).
 //!
 //! It takes an already-bound listener and a shutdown future, so tests bind `127.0.0.1:0` and
 //! stop it at will (mini-redis `server::run`). On shutdown it stops accepting at once, lets
@@ -40,8 +41,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use toml::Spanned;
 
-use crate::config::{ConfigError, Locator};
-use crate::mirror::respond::{ErrorCode, ProxyBody};
+use crate::body::{BodyError, ResponseBody};
+use crate::config::error::{ConfigError, Locator};
+use crate::oci::ErrorCode;
 
 /// The most a connection buffers for writing (and for reading a request head). Together with
 /// [`crate::mirror::forward::UPSTREAM_READ_BUF`] this bounds the memory of a streamed blob to about
@@ -62,10 +64,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Something that answers requests and never fails.
 pub trait Handler: Send + Sync + 'static {
     /// The response body.
-    type Body: Body<Data = Bytes, Error = crate::mirror::respond::BodyError>
-        + Send
-        + Unpin
-        + 'static;
+    type Body: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static;
     /// Answers one request.
     fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<Self::Body>>;
 }
@@ -144,7 +143,7 @@ pub(crate) fn validate(raw: &RawServer, at: Locator<'_>) -> Result<Limits, Confi
 }
 
 /// A request the server answers itself, before any handler sees it. Each becomes an OCI error
-/// through [`crate::mirror::respond::error_response`], with `Connection: close`.
+/// through [`crate::oci::error_response`], with `Connection: close`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
     /// A GET or HEAD that announces a body: no client of a pull mirror sends one, and a body
@@ -194,11 +193,10 @@ impl Refused {
     }
 
     /// The response, which also makes hyper close the connection after it.
-    pub fn into_response(self, head: bool) -> Response<ProxyBody> {
+    pub fn into_response(self, head: bool) -> Response<ResponseBody> {
         let (status, code) = self.classify();
         tracing::debug!(error = %self, "refused request");
-        let mut resp =
-            crate::mirror::respond::error_response(status, code, &self.to_string(), head);
+        let mut resp = crate::oci::error_response(status, code, &self.to_string(), head);
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
         resp
@@ -210,15 +208,15 @@ pub enum ServerBody<B> {
     /// From the handler.
     Handler(B),
     /// A [`Refused`] answer.
-    Refusal(ProxyBody),
+    Refusal(ResponseBody),
 }
 
 impl<B> Body for ServerBody<B>
 where
-    B: Body<Data = Bytes, Error = crate::mirror::respond::BodyError> + Unpin,
+    B: Body<Data = Bytes, Error = BodyError> + Unpin,
 {
     type Data = Bytes;
-    type Error = crate::mirror::respond::BodyError;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -269,43 +267,31 @@ pub async fn serve<H: Handler>(
         shutdown,
         grace,
         limits,
-        |stream, _peer| async move { Some(plain(stream)) },
+        |stream, _peer| async move { Some(stream) },
     )
     .await
 }
 
-/// A plain connection: on Linux it can send blob bodies with `splice(2)` ([`crate::mirror::splice`]).
-#[cfg(target_os = "linux")]
-fn plain(stream: TcpStream) -> crate::mirror::splice::SpliceIo {
-    crate::mirror::splice::SpliceIo::new(stream)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn plain(stream: TcpStream) -> TcpStream {
-    stream
-}
-
-/// A stream HTTP is served on.
+/// A stream HTTP is served on: a TCP stream, a TLS session, or a program's own wrapper of one.
 pub trait Connection:
     tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
 {
-    /// The pipe for zero-copy bodies on this connection; handlers find it in each request's
-    /// extensions. Only plain TCP has one: TLS must see every byte.
-    #[cfg(target_os = "linux")]
-    fn splice_slot(&self) -> Option<crate::mirror::splice::Slot> {
+    /// What the connection hands each of its requests, in the request's extensions.
+    type Extension: Clone + Send + Sync + 'static;
+
+    /// The value for this connection, if any. A handler that needs per-connection state (the
+    /// mirror's spliced bodies need the connection's pipe) finds it in each request.
+    fn extension(&self) -> Option<Self::Extension> {
         None
     }
 }
 
-impl Connection for TcpStream {}
+impl Connection for TcpStream {
+    type Extension = ();
+}
 
-impl Connection for tokio_rustls::server::TlsStream<TcpStream> {}
-
-#[cfg(target_os = "linux")]
-impl Connection for crate::mirror::splice::SpliceIo {
-    fn splice_slot(&self) -> Option<crate::mirror::splice::Slot> {
-        Some(self.slot())
-    }
+impl Connection for tokio_rustls::server::TlsStream<TcpStream> {
+    type Extension = ();
 }
 
 /// How long a client may take to finish the TLS handshake.
@@ -349,8 +335,9 @@ pub async fn serve_tls<H: Handler>(
 }
 
 /// The accept loop behind [`serve`] and [`serve_tls`]: `open` turns an accepted socket into the
-/// stream HTTP runs on (itself, or a TLS session), in the connection's own task.
-async fn serve_with<H, O, F, S>(
+/// stream HTTP runs on (itself, a TLS session, or a program's own [`Connection`]), in the
+/// connection's own task, or into nothing to drop it.
+pub async fn serve_with<H, O, F, S>(
     listener: TcpListener,
     handler: Arc<H>,
     shutdown: impl Future<Output = ()>,
@@ -421,12 +408,10 @@ where
                 tokio::spawn(async move {
                     let _slot = slot;
                     let Some(io) = opening.await else { return };
-                    #[cfg(target_os = "linux")]
-                    let splice_slot = io.splice_slot();
+                    let extension = io.extension();
                     let svc = service_fn(move |mut req: Request<Incoming>| {
-                        #[cfg(target_os = "linux")]
-                        if let Some(slot) = &splice_slot {
-                            req.extensions_mut().insert(slot.clone());
+                        if let Some(e) = &extension {
+                            req.extensions_mut().insert(e.clone());
                         }
                         let refused = Refused::check(req.method(), req.headers());
                         let fut = match refused {
@@ -442,8 +427,8 @@ where
                     });
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
-                        // A queue of the body's own buffers, never copied: spliced bodies
-                        // depend on it (crate::mirror::splice).
+                        // Bodies go out as a queue of their own buffers, never copied into one:
+                        // a connection type may rely on seeing each chunk as it was sent.
                         .writev(true)
                         .max_buf_size(MAX_BUF)
                         .max_header_size(MAX_HEAD)

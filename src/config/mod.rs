@@ -1,5 +1,14 @@
-//! Configuration: a raw, serde-shaped [`RawConfig`] read from TOML, and the validated [`Config`]
-//! the rest of the crate uses.
+//! Configuration: the root of the config file. A raw, serde-shaped [`RawConfig`] is read from
+//! TOML and turned into the validated [`Config`] the four programs use.
+//!
+//! The root owns the top-level keys (`listen`, `ops_listen`, `default_upstream`,
+//! `[manifest_cache]`) and composes the sections. The sections every program shares live beside
+//! it ([`ecr`], [`upstreams`], [`timeouts`]); a section only one program or the shared server
+//! reads lives with that code (`[breaker]` in [`crate::mirror::breaker`], `[server]` in
+//! [`crate::server`], `[webhook]` in [`crate::webhook::config`], `[ecr_setup]` in
+//! [`crate::ecr::settings`]). Every section depends on [`error`] alone, never on this root, so the
+//! arrows from here into program folders are the only ones between config and a program that
+//! point this way, and no import circle runs through the config.
 //!
 //! Everything is checked here, once, before any socket is bound: a daemon on every node that starts
 //! with a typo and then fails on the first pull is far worse than one that refuses to start. Each
@@ -7,16 +16,24 @@
 //! The only `Option`s left in [`Config`] mean "discover it at run time" (region, account, endpoint),
 //! never "not validated yet".
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::net::SocketAddr;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+pub mod ecr;
+pub mod error;
+pub mod timeouts;
+pub mod upstreams;
 
-use http::Uri;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
 use serde::Deserialize;
 use toml::Spanned;
+
+pub use self::ecr::{EcrConfig, NoRegion};
+pub use self::error::ConfigError;
+use self::error::Locator;
+pub use self::timeouts::Timeouts;
+pub use self::upstreams::{DEFAULT_UPSTREAMS, Upstream};
+use crate::oci::RegistryHost;
 
 /// Default mirror address: loopback only, so nothing off the node can use the node's ECR identity.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
@@ -24,41 +41,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
 /// nothing is open on the node IP unless the config says so. The DaemonSet's config sets
 /// `0.0.0.0:5051`, because kubelet probes and Prometheus reach the pod on the node IP.
 pub const DEFAULT_OPS_LISTEN: &str = "127.0.0.1:5051";
-
-/// The AWS console's default pull-through rule prefixes, used when the config has no `[upstreams]`.
-pub const DEFAULT_UPSTREAMS: &[(&str, &str)] = &[
-    ("docker.io", "docker-hub"),
-    ("ghcr.io", "github"),
-    ("quay.io", "quay"),
-    ("registry.k8s.io", "kubernetes"),
-    ("public.ecr.aws", "ecr-public"),
-    ("registry.gitlab.com", "gitlab"),
-];
-
-/// A config error: where it is, and what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read at all.
-    #[error("{path}: cannot read config: {source}")]
-    Read {
-        /// The config file.
-        path: String,
-        /// The IO error.
-        source: std::io::Error,
-    },
-    /// The file was read, but a value is wrong. `line` is 1-based.
-    #[error("{path}:{line}: {key}: {message}")]
-    Invalid {
-        /// The config file.
-        path: String,
-        /// 1-based line of the offending key or value.
-        line: usize,
-        /// Dotted key path, e.g. `upstreams."docker.io".prefix`.
-        key: String,
-        /// What is wrong, and what would be right.
-        message: String,
-    },
-}
 
 /// The config as written, before validation. Unknown keys are errors.
 #[derive(Debug, Deserialize)]
@@ -68,10 +50,10 @@ pub struct RawConfig {
     ops_listen: Option<Spanned<String>>,
     default_upstream: Option<Spanned<String>>,
     #[serde(default)]
-    ecr: RawEcr,
-    upstreams: Option<BTreeMap<Spanned<String>, Spanned<RawUpstream>>>,
+    ecr: ecr::RawEcr,
+    upstreams: Option<BTreeMap<Spanned<String>, Spanned<upstreams::RawUpstream>>>,
     #[serde(default)]
-    timeouts: RawTimeouts,
+    timeouts: timeouts::RawTimeouts,
     #[serde(default)]
     manifest_cache: RawManifestCache,
     #[serde(default)]
@@ -82,30 +64,6 @@ pub struct RawConfig {
     breaker: crate::mirror::breaker::RawBreaker,
     #[serde(default)]
     server: crate::server::RawServer,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEcr {
-    region: Option<Spanned<String>>,
-    account: Option<Spanned<String>>,
-    endpoint: Option<Spanned<String>>,
-    ca_file: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    prefix: Spanned<String>,
-    server: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    connect: Option<Spanned<String>>,
-    response_headers: Option<Spanned<String>>,
-    shutdown: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,11 +80,11 @@ pub struct Config {
     /// Where `/healthz`, `/readyz` and `/metrics` listen.
     pub ops_listen: SocketAddr,
     /// The registry for clients that send neither `?ns=` nor a path prefix.
-    pub default_upstream: Option<Registry>,
+    pub default_upstream: Option<RegistryHost>,
     /// How to reach ECR.
     pub ecr: EcrConfig,
     /// Upstream registries, keyed by canonical registry host.
-    pub upstreams: BTreeMap<Registry, Upstream>,
+    pub upstreams: BTreeMap<RegistryHost, Upstream>,
     /// Timeouts towards ECR, and the shutdown grace period.
     pub timeouts: Timeouts,
     /// Upper bound, in bytes, of the in-memory manifest cache.
@@ -139,142 +97,6 @@ pub struct Config {
     pub breaker: crate::mirror::breaker::BreakerConfig,
     /// `[server]`: header read timeout and connection limit of each listener.
     pub server: crate::server::Limits,
-}
-
-/// `[ecr]`: every field may be discovered at run time instead.
-#[derive(Debug, Clone, Default)]
-pub struct EcrConfig {
-    /// AWS region; `None` means the SDK's default chain (`AWS_REGION`, profile, IMDS).
-    pub region: Option<String>,
-    /// 12-digit account id of the registry; `None` means the token's `proxyEndpoint`.
-    pub account: Option<String>,
-    /// Base URL for registry requests (`scheme://host[:port]`), overriding the ECR host name.
-    pub endpoint: Option<Uri>,
-    /// An extra PEM CA bundle to trust for the registry endpoint.
-    pub ca_file: Option<PathBuf>,
-}
-
-impl EcrConfig {
-    /// The ECR registry URL when config determines it: `ecr.endpoint`, or the account's host name
-    /// in `region`. `None` means "use the token's `proxyEndpoint`".
-    pub fn registry_base(&self, region: Option<&str>) -> Result<Option<Uri>, NoRegion> {
-        if let Some(e) = &self.endpoint {
-            return Ok(Some(e.clone()));
-        }
-        let Some(account) = &self.account else {
-            return Ok(None);
-        };
-        let region = region.ok_or(NoRegion)?;
-        let suffix = if region.starts_with("cn-") {
-            "amazonaws.com.cn"
-        } else {
-            "amazonaws.com"
-        };
-        let url = format!("https://{account}.dkr.ecr.{region}.{suffix}");
-        Ok(Some(parse_base_url(&url).ok_or(NoRegion)?))
-    }
-}
-
-/// `ecr.account` is set but no region could be found to build the registry host name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "ecr.account is set but no AWS region was found (ecr.region, AWS_REGION, profile or IMDS): \
-     set ecr.region or ecr.endpoint"
-)]
-pub struct NoRegion;
-
-/// A configured upstream registry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// The ECR pull-through rule's repository prefix.
-    pub prefix: String,
-    /// The real registry, written into `hosts.toml` as `server`.
-    pub server: String,
-}
-
-/// Timeouts. Defaults: connect 3 s, response headers 15 s, shutdown grace 20 s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    /// TCP (and TLS) connect to the registry endpoint.
-    pub connect: Duration,
-    /// From request sent to response headers received.
-    pub response_headers: Duration,
-    /// How long in-flight requests may run after SIGTERM.
-    pub shutdown: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(3),
-            response_headers: Duration::from_secs(15),
-            shutdown: Duration::from_secs(20),
-        }
-    }
-}
-
-/// A registry host name with an optional port, lower-case, aliases folded
-/// (`index.docker.io` and `registry-1.docker.io` are `docker.io`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Registry(String);
-
-impl Registry {
-    /// Parses and canonicalizes a registry host. Returns `None` for anything that is not a host
-    /// name with an optional port.
-    pub fn parse(s: &str) -> Option<Registry> {
-        let (host, port) = match s.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (s, None),
-        };
-        if let Some(p) = port
-            && (!p.bytes().all(|b| b.is_ascii_digit()) || !p.parse::<u16>().is_ok_and(|p| p > 0))
-        {
-            return None;
-        }
-        if host.is_empty() || host.len() > 253 {
-            return None;
-        }
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if !host.split('.').all(label_ok) {
-            return None;
-        }
-        let lower = s.to_ascii_lowercase();
-        let canonical = match lower.as_str() {
-            "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
-            _ => lower,
-        };
-        Some(Registry(canonical))
-    }
-
-    /// The canonical host (and port) as a string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether this is Docker Hub, whose single-segment names live under `library/`.
-    pub fn is_docker_hub(&self) -> bool {
-        self.0 == "docker.io"
-    }
-
-    /// The real registry's URL, for `hosts.toml`'s `server`.
-    pub fn default_server(&self) -> String {
-        match self.0.as_str() {
-            "docker.io" => "https://registry-1.docker.io".to_owned(),
-            other => format!("https://{other}"),
-        }
-    }
-}
-
-impl fmt::Display for Registry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 impl Config {
@@ -305,93 +127,6 @@ impl Config {
             }
         })?;
         Config::try_from((raw, at))
-    }
-}
-
-/// Turns byte spans into line numbers and builds errors.
-#[derive(Clone, Copy)]
-pub(crate) struct Locator<'a> {
-    text: &'a str,
-    path: &'a str,
-}
-
-impl Locator<'_> {
-    /// The config file's name, as errors show it.
-    pub(crate) fn path(&self) -> &str {
-        self.path
-    }
-
-    pub(crate) fn line(&self, span: &Range<usize>) -> usize {
-        let end = span.start.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    }
-
-    pub(crate) fn err(
-        &self,
-        span: &Range<usize>,
-        key: &str,
-        message: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_owned(),
-            line: self.line(span),
-            key: key.to_owned(),
-            message: message.into(),
-        }
-    }
-
-    /// A positive duration such as `"5s"` or `"500ms"`, or `default` when the key is absent. The
-    /// error's example is the default, so it reads as a value to copy.
-    pub(crate) fn positive_duration(
-        &self,
-        value: &Option<Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        let Some(s) = value else {
-            return Ok(default);
-        };
-        match humantime::parse_duration(s.get_ref()) {
-            Ok(d) if !d.is_zero() => Ok(d),
-            _ => Err(self.err(
-                &s.span(),
-                key,
-                format!(
-                    "{:?} is not a positive duration, e.g. \"{}\" or \"500ms\"",
-                    s.get_ref(),
-                    humantime::format_duration(default)
-                ),
-            )),
-        }
-    }
-
-    /// An `IP:port` value, or `default` when the key is absent. `example` goes into the error.
-    pub(crate) fn socket_addr(
-        &self,
-        value: &Option<Spanned<String>>,
-        key: &str,
-        default: &str,
-        example: &str,
-    ) -> Result<SocketAddr, ConfigError> {
-        match value {
-            None => default
-                .parse::<SocketAddr>()
-                .map_err(|e| self.err(&(0..0), key, e.to_string())),
-            Some(s) => s.get_ref().parse::<SocketAddr>().map_err(|_| {
-                self.err(
-                    &s.span(),
-                    key,
-                    format!(
-                        "{:?} is not an IP:port address, e.g. \"{example}\"",
-                        s.get_ref()
-                    ),
-                )
-            }),
-        }
     }
 }
 
@@ -444,13 +179,13 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             return Err(at.err(&span, "ops_listen", "must differ from `listen`"));
         }
 
-        let ecr = validate_ecr(&raw.ecr, at)?;
-        let upstreams = validate_upstreams(raw.upstreams.as_ref(), at)?;
+        let ecr = ecr::validate(&raw.ecr, at)?;
+        let upstreams = upstreams::validate(raw.upstreams.as_ref(), at)?;
 
         let default_upstream = match &raw.default_upstream {
             None => None,
             Some(s) => {
-                let reg = Registry::parse(s.get_ref()).filter(|r| upstreams.contains_key(r));
+                let reg = RegistryHost::parse(s.get_ref()).filter(|r| upstreams.contains_key(r));
                 Some(reg.ok_or_else(|| {
                     at.err(
                         &s.span(),
@@ -460,7 +195,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
                             s.get_ref(),
                             upstreams
                                 .keys()
-                                .map(Registry::as_str)
+                                .map(RegistryHost::as_str)
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ),
@@ -469,23 +204,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             }
         };
 
-        let defaults = Timeouts::default();
-        let dur = |v: &Option<Spanned<String>>, key: &str, default: Duration| {
-            at.positive_duration(v, key, default)
-        };
-        let timeouts = Timeouts {
-            connect: dur(&raw.timeouts.connect, "timeouts.connect", defaults.connect)?,
-            response_headers: dur(
-                &raw.timeouts.response_headers,
-                "timeouts.response_headers",
-                defaults.response_headers,
-            )?,
-            shutdown: dur(
-                &raw.timeouts.shutdown,
-                "timeouts.shutdown",
-                defaults.shutdown,
-            )?,
-        };
+        let timeouts = timeouts::validate(&raw.timeouts, at)?;
 
         let manifest_cache_bytes = raw
             .manifest_cache
@@ -521,208 +240,11 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
     }
 }
 
-fn validate_ecr(raw: &RawEcr, at: Locator<'_>) -> Result<EcrConfig, ConfigError> {
-    let region = match &raw.region {
-        None => None,
-        Some(s) => {
-            let r = s.get_ref();
-            let ok = !r.is_empty()
-                && r.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && r.contains('-');
-            if !ok {
-                return Err(at.err(
-                    &s.span(),
-                    "ecr.region",
-                    format!("{r:?} is not an AWS region name, e.g. \"eu-west-1\""),
-                ));
-            }
-            Some(r.clone())
-        }
-    };
-    let account = match &raw.account {
-        None => None,
-        Some(s) => {
-            let a = s.get_ref();
-            if a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(at.err(
-                    &s.span(),
-                    "ecr.account",
-                    format!("{a:?} is not a 12-digit AWS account id"),
-                ));
-            }
-            Some(a.clone())
-        }
-    };
-    let endpoint = match &raw.endpoint {
-        None => None,
-        Some(s) => Some(parse_base_url(s.get_ref()).ok_or_else(|| {
-            at.err(
-                &s.span(),
-                "ecr.endpoint",
-                format!(
-                    "{:?} is not a base URL: use http:// or https:// with a host, and no path or query",
-                    s.get_ref()
-                ),
-            )
-        })?),
-    };
-    let ca_file = match &raw.ca_file {
-        None => None,
-        Some(s) => {
-            let p = PathBuf::from(s.get_ref());
-            if let Err(why) = check_pem_certificates(&p) {
-                return Err(at.err(&s.span(), "ecr.ca_file", format!("{:?} {why}", s.get_ref())));
-            }
-            Some(p)
-        }
-    };
-    Ok(EcrConfig {
-        region,
-        account,
-        endpoint,
-        ca_file,
-    })
-}
-
-/// Checks that `path` is a readable PEM file with at least one certificate, all parseable.
-fn check_pem_certificates(path: &Path) -> Result<(), String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|e| format!("is not a readable file: {e}"))?;
-    let mut count = 0;
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        cert.map_err(|e| format!("holds a bad PEM certificate: {e}"))?;
-        count += 1;
-    }
-    if count == 0 {
-        return Err("holds no PEM certificate".into());
-    }
-    Ok(())
-}
-
-/// A scheme + authority URL with no path beyond `/`, no query and no user info.
-pub(crate) fn parse_base_url(s: &str) -> Option<Uri> {
-    let uri: Uri = s.parse().ok()?;
-    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-    let authority = uri.authority()?;
-    let path_ok = matches!(uri.path(), "" | "/");
-    let clean =
-        uri.query().is_none() && !authority.as_str().contains('@') && !authority.host().is_empty();
-    (scheme_ok && path_ok && clean).then(|| {
-        Uri::builder()
-            .scheme(uri.scheme_str().unwrap_or("https"))
-            .authority(authority.as_str())
-            .path_and_query("/")
-            .build()
-            .ok()
-    })?
-}
-
-fn validate_upstreams(
-    raw: Option<&BTreeMap<Spanned<String>, Spanned<RawUpstream>>>,
-    at: Locator<'_>,
-) -> Result<BTreeMap<Registry, Upstream>, ConfigError> {
-    let Some(raw) = raw else {
-        return Ok(DEFAULT_UPSTREAMS
-            .iter()
-            .filter_map(|(reg, prefix)| {
-                let reg = Registry::parse(reg)?;
-                let server = reg.default_server();
-                Some((
-                    reg,
-                    Upstream {
-                        prefix: (*prefix).to_owned(),
-                        server,
-                    },
-                ))
-            })
-            .collect());
-    };
-    if raw.is_empty() {
-        return Err(at.err(
-            &(0..0),
-            "upstreams",
-            "is empty: configure at least one registry",
-        ));
-    }
-    let mut out: BTreeMap<Registry, Upstream> = BTreeMap::new();
-    let mut prefixes: BTreeMap<String, Registry> = BTreeMap::new();
-    for (name, up) in raw {
-        let key = format!("upstreams.{:?}", name.get_ref());
-        let reg = Registry::parse(name.get_ref()).ok_or_else(|| {
-            at.err(
-                &name.span(),
-                &key,
-                format!(
-                    "{:?} is not a registry host name (with an optional :port)",
-                    name.get_ref()
-                ),
-            )
-        })?;
-        let prefix = &up.get_ref().prefix;
-        if !valid_prefix(prefix.get_ref()) {
-            return Err(at.err(
-                &prefix.span(),
-                &format!("{key}.prefix"),
-                format!(
-                    "{:?} is not an ECR pull-through prefix: 2-30 characters, lowercase letters, \
-                     digits and . _ - / (separators only between letters or digits)",
-                    prefix.get_ref()
-                ),
-            ));
-        }
-        if let Some(other) = prefixes.insert(prefix.get_ref().clone(), reg.clone()) {
-            return Err(at.err(
-                &prefix.span(),
-                &format!("{key}.prefix"),
-                format!("{:?} is already the prefix of {other}", prefix.get_ref()),
-            ));
-        }
-        let server = match &up.get_ref().server {
-            None => reg.default_server(),
-            Some(s) => {
-                parse_base_url(s.get_ref()).ok_or_else(|| {
-                    at.err(
-                        &s.span(),
-                        &format!("{key}.server"),
-                        format!(
-                            "{:?} is not a URL like \"https://registry.example.com\"",
-                            s.get_ref()
-                        ),
-                    )
-                })?;
-                s.get_ref().trim_end_matches('/').to_owned()
-            }
-        };
-        if out.contains_key(&reg) {
-            return Err(at.err(
-                &name.span(),
-                &key,
-                format!("{reg} is configured twice (an alias of it is configured too)"),
-            ));
-        }
-        out.insert(
-            reg,
-            Upstream {
-                prefix: prefix.get_ref().clone(),
-                server,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// ECR's `ecrRepositoryPrefix`: 2-30 characters of `[a-z0-9._/-]`, where separators sit only
-/// between alphanumerics, as in a repository name.
-pub(crate) fn valid_prefix(p: &str) -> bool {
-    (2..=30).contains(&p.len()) && crate::mirror::route::valid_name(p)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rstest::rstest;
+    use std::time::Duration;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml_str(text, "pullthrough.toml")
@@ -744,7 +266,7 @@ mod tests {
             .collect();
         want.sort();
         assert_eq!(got, want);
-        let hub = Registry::parse("docker.io").unwrap();
+        let hub = RegistryHost::parse("docker.io").unwrap();
         assert_eq!(c.upstreams[&hub].server, "https://registry-1.docker.io");
         assert_eq!(c.timeouts, Timeouts::default());
         assert!(c.default_upstream.is_none());
@@ -796,7 +318,7 @@ max_bytes = 1024
         );
         assert_eq!(c.ecr.account.as_deref(), Some("123456789012"));
         assert_eq!(c.upstreams.len(), 2);
-        let quay = Registry::parse("quay.io").unwrap();
+        let quay = RegistryHost::parse("quay.io").unwrap();
         assert_eq!(c.upstreams[&quay].server, "https://quay.example.com");
         assert_eq!(c.timeouts.connect, Duration::from_millis(500));
         assert_eq!(c.manifest_cache_bytes, 1024);
@@ -913,25 +435,5 @@ max_bytes = 1024
             err.contains(want),
             "error {err:?} does not contain {want:?}"
         );
-    }
-
-    #[rstest]
-    #[case::hub("docker.io", Some("docker.io"))]
-    #[case::index_alias("index.docker.io", Some("docker.io"))]
-    #[case::registry1_alias("registry-1.docker.io", Some("docker.io"))]
-    #[case::upper("Quay.IO", Some("quay.io"))]
-    #[case::port("localhost:5000", Some("localhost:5000"))]
-    #[case::empty("", None)]
-    #[case::space("a b", None)]
-    #[case::scheme("https://quay.io", None)]
-    #[case::path("quay.io/x", None)]
-    #[case::empty_label("quay..io", None)]
-    #[case::dash_label("-quay.io", None)]
-    #[case::long_port("quay.io:123456", None)]
-    #[case::port_too_big("quay.io:99999", None)]
-    #[case::port_zero("quay.io:0", None)]
-    #[case::port_sign("quay.io:+80", None)]
-    fn registry_names(#[case] input: &str, #[case] want: Option<&str>) {
-        assert_eq!(Registry::parse(input).as_ref().map(Registry::as_str), want);
     }
 }

@@ -13,7 +13,8 @@ use aws_sdk_ecr::types::{
 };
 
 use super::EcrOpsError;
-use super::setup::{Op, Plan, RuleSpec, Step, TemplateSpec};
+use super::setup::{Op, Plan, RuleSpec, Step, Target, TemplateSpec};
+use crate::config::Config;
 pub use crate::mirror::token::sdk_config;
 
 /// Maps an SDK error to a clear one. `op` is the API operation, e.g. `PutRegistryPolicy`.
@@ -322,6 +323,27 @@ fn template_parts(t: &TemplateSpec, op: &'static str) -> Result<TemplateParts, E
         .map(|a| RctAppliedFor::from(a.as_str()))
         .collect();
     Ok((enc, tags, applied))
+}
+
+/// The registry's region (config or SDK chain) and account (`ecr.account` or `DescribeRegistry`).
+pub async fn resolve_target(
+    config: &Config,
+    client: &Client,
+    region: Option<&str>,
+) -> Result<Target, EcrOpsError> {
+    let region = region.ok_or_else(|| {
+        EcrOpsError::Usage(
+            "no AWS region: set ecr.region in the config or AWS_REGION in the environment".into(),
+        )
+    })?;
+    let account = match &config.ecr.account {
+        Some(a) => a.clone(),
+        None => registry_id(client).await?,
+    };
+    Ok(Target {
+        region: region.to_owned(),
+        account,
+    })
 }
 
 #[cfg(test)]

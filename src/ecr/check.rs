@@ -229,7 +229,7 @@ pub async fn run(
         Err(e) => check(Status::Fail, "token", e.to_string()),
     });
 
-    let target = super::cli::resolve_target(config, client, region).await;
+    let target = aws::resolve_target(config, client, region).await;
     if let Err(e) = &target {
         out.push(check(Status::Fail, "registry", e.to_string()));
     }

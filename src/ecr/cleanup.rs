@@ -36,7 +36,7 @@ pub fn check_prefix(
     any_prefix: bool,
 ) -> Result<String, EcrOpsError> {
     let p = prefix.trim_end_matches('/');
-    if p.is_empty() || !crate::mirror::route::valid_name(p) {
+    if p.is_empty() || !crate::oci::valid_name(p) {
         return Err(EcrOpsError::Usage(format!(
             "--prefix {prefix:?} is not a repository name prefix"
         )));

@@ -87,27 +87,6 @@ impl EcrCommand {
     }
 }
 
-/// The registry's region (config or SDK chain) and account (`ecr.account` or `DescribeRegistry`).
-pub async fn resolve_target(
-    config: &Config,
-    client: &Client,
-    region: Option<&str>,
-) -> Result<Target, EcrOpsError> {
-    let region = region.ok_or_else(|| {
-        EcrOpsError::Usage(
-            "no AWS region: set ecr.region in the config or AWS_REGION in the environment".into(),
-        )
-    })?;
-    let account = match &config.ecr.account {
-        Some(a) => a.clone(),
-        None => aws::registry_id(client).await?,
-    };
-    Ok(Target {
-        region: region.to_owned(),
-        account,
-    })
-}
-
 fn progress(len: u64) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
@@ -141,7 +120,7 @@ pub async fn run(
     let client = Client::new(&sdk);
     match command {
         EcrCommand::Setup { apply, .. } => {
-            let target = resolve_target(&config, &client, region.as_deref()).await?;
+            let target = aws::resolve_target(&config, &client, region.as_deref()).await?;
             run_setup(&config, &client, &target, apply, out).await
         }
         EcrCommand::Check { pull, .. } => {

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{Registry, Upstream};
+use crate::config::upstreams::Upstream;
+use crate::oci::RegistryHost;
 
 /// The secret-name prefix ECR requires for pull-through credentials.
 pub const SECRET_NAME_PREFIX: &str = "ecr-pullthroughcache/";
@@ -61,7 +62,7 @@ pub struct EcrSetup {
     /// policy. Empty: setup leaves the registry policy alone.
     pub node_role_arns: Vec<String>,
     /// Secrets Manager secret ARN per upstream that takes a credential.
-    pub credentials: BTreeMap<Registry, String>,
+    pub credentials: BTreeMap<RegistryHost, String>,
     /// The repository creation template applied for every pull-through prefix.
     pub template: TemplateSettings,
 }
@@ -219,7 +220,7 @@ pub struct UpstreamKind {
 
 /// The rule's `upstreamRegistryUrl` for a configured registry, and what kind of upstream it is;
 /// `None` for registries ECR pull-through does not support.
-pub fn upstream_for(registry: &Registry) -> Option<(String, UpstreamKind)> {
+pub fn upstream_for(registry: &RegistryHost) -> Option<(String, UpstreamKind)> {
     let host = registry.as_str();
     let kind = |name, needs_credential| UpstreamKind {
         name,
@@ -227,14 +228,14 @@ pub fn upstream_for(registry: &Registry) -> Option<(String, UpstreamKind)> {
     };
     let (url, k) = match host {
         "docker.io" => ("registry-1.docker.io".to_owned(), kind("Docker Hub", true)),
-        "ghcr.io" => (host.to_owned(), kind("GitHub Container Registry", true)),
-        "registry.gitlab.com" => (host.to_owned(), kind("GitLab Container Registry", true)),
+        "ghcr.io" => (host.to_owned(), kind("GitHub Container RegistryHost", true)),
+        "registry.gitlab.com" => (host.to_owned(), kind("GitLab Container RegistryHost", true)),
         "cgr.dev" => (host.to_owned(), kind("Chainguard", true)),
         "public.ecr.aws" => (host.to_owned(), kind("Amazon ECR Public", false)),
         "registry.k8s.io" => (host.to_owned(), kind("Kubernetes", false)),
         "quay.io" => (host.to_owned(), kind("Quay", false)),
         h if h.ends_with(".azurecr.io") && !h.contains(':') => {
-            (h.to_owned(), kind("Azure Container Registry", true))
+            (h.to_owned(), kind("Azure Container RegistryHost", true))
         }
         _ => return None,
     };
@@ -290,7 +291,7 @@ impl EcrSetup {
     /// Validates `raw` against the configured upstreams and `[ecr]` region and account.
     pub fn validate(
         raw: &RawEcrSetup,
-        upstreams: &BTreeMap<Registry, Upstream>,
+        upstreams: &BTreeMap<RegistryHost, Upstream>,
         region: Option<&str>,
         account: Option<&str>,
     ) -> Result<EcrSetup, SettingsError> {
@@ -322,7 +323,7 @@ impl EcrSetup {
         let mut credentials = BTreeMap::new();
         for (name, arn) in raw.credentials.iter().flatten() {
             let key = format!("ecr_setup.credentials.{:?}", name.get_ref());
-            let registry = Registry::parse(name.get_ref())
+            let registry = RegistryHost::parse(name.get_ref())
                 .filter(|r| upstreams.contains_key(r))
                 .ok_or_else(|| {
                     err(
@@ -585,7 +586,7 @@ mod tests {
         let s = &c.ecr_setup;
         assert_eq!(s.node_role_arns, ["arn:aws:iam::123456789012:role/nodes"]);
         assert_eq!(
-            s.credentials[&Registry::parse("docker.io").unwrap()],
+            s.credentials[&RegistryHost::parse("docker.io").unwrap()],
             HUB_SECRET
         );
         assert_eq!(s.template.tag_mutability, TagMutability::Immutable);
@@ -694,7 +695,7 @@ mod tests {
     #[case::gcr("gcr.io", None)]
     #[case::local("localhost:5000", None)]
     fn upstream_urls_and_credentials(#[case] registry: &str, #[case] want: Option<(&str, bool)>) {
-        let got = upstream_for(&Registry::parse(registry).unwrap());
+        let got = upstream_for(&RegistryHost::parse(registry).unwrap());
         assert_eq!(
             got.as_ref().map(|(u, k)| (u.as_str(), k.needs_credential)),
             want

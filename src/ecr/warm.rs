@@ -15,9 +15,10 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 
-use crate::config::{Config, Registry};
+use crate::config::Config;
 use crate::mirror::forward::{ForwardError, Forwarder};
 use crate::mirror::token::{TokenCache, TokenError};
+use crate::oci::RegistryHost;
 use crate::webhook::reference::Reference;
 
 /// Manifest media types warm asks for: OCI and Docker, single and multi-platform.
@@ -80,7 +81,7 @@ pub struct WarmTarget {
 pub fn target(config: &Config, image: &str) -> Result<WarmTarget, WarmError> {
     let r = Reference::parse(image)
         .map_err(|e| WarmError::Image(format!("{image:?} is not an image reference: {e}")))?;
-    let registry = Registry::parse(r.registry())
+    let registry = RegistryHost::parse(r.registry())
         .filter(|reg| config.upstreams.contains_key(reg))
         .ok_or_else(|| {
             WarmError::Image(format!(
@@ -218,7 +219,7 @@ pub fn children(media_type: &str, body: &Bytes) -> Vec<String> {
         .map(|m| {
             m.iter()
                 .filter_map(|d| d["digest"].as_str())
-                .filter(|d| crate::mirror::route::Digest::parse(d).is_some())
+                .filter(|d| crate::oci::Digest::parse(d).is_some())
                 .map(str::to_owned)
                 .collect()
         })

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::metrics::{Metrics, RequestLabels, UpstreamLabels};
-use super::respond::{BodyError, ProxyBody};
+use crate::body::{BodyError, ResponseBody};
 
 /// What one request did, filled in along the way.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ pub struct Entry {
 
 /// A response body that logs its [`Entry`] once it is done.
 pub struct LoggedBody {
-    inner: ProxyBody,
+    inner: ResponseBody,
     entry: Entry,
     metrics: Metrics,
     bytes: u64,
@@ -51,7 +51,7 @@ enum Outcome {
 
 impl LoggedBody {
     /// Wraps `inner`; the line is written on completion or drop.
-    pub fn new(inner: ProxyBody, entry: Entry, metrics: Metrics) -> Self {
+    pub fn new(inner: ResponseBody, entry: Entry, metrics: Metrics) -> Self {
         Self {
             inner,
             entry,

@@ -27,7 +27,7 @@ use toml::Spanned;
 
 use super::forward::{self, Forwarder};
 use super::metrics::Metrics;
-use crate::config::{ConfigError, Locator};
+use crate::config::error::{ConfigError, Locator};
 
 /// Default `breaker.cooldown`.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(5);

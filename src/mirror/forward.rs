@@ -32,8 +32,8 @@ use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use super::respond::BodyError;
-use crate::config::Timeouts;
+use crate::body::BodyError;
+use crate::config::timeouts::Timeouts;
 
 /// Request headers forwarded to ECR.
 pub const FORWARD_REQUEST_HEADERS: &[HeaderName] = &[

@@ -6,7 +6,8 @@
 //! gets `library/`.
 
 use super::route::{ApiRequest, Kind};
-use crate::config::{Registry, Upstream};
+use crate::config::upstreams::Upstream;
+use crate::oci::RegistryHost;
 
 /// ECR's limit on a repository name, prefix included.
 pub const ECR_MAX_REPOSITORY_LEN: usize = 256;
@@ -38,7 +39,7 @@ pub fn repository(req: &ApiRequest, upstream: &Upstream) -> Result<String, MapEr
 /// The ECR repository for repository `name` of `registry` on its upstream: the one mapping the
 /// mirror, the webhook and `pullthrough rewrite` share.
 pub fn ecr_repository(
-    registry: &Registry,
+    registry: &RegistryHost,
     name: &str,
     upstream: &Upstream,
 ) -> Result<String, MapError> {
@@ -80,15 +81,16 @@ mod properties;
 
 #[cfg(test)]
 mod tests {
-    use crate::mirror::route::{Digest, Reference};
     use super::*;
+    use crate::mirror::route::ManifestRef;
+    use crate::oci::Digest;
     use rstest::rstest;
 
     const SHA: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn req(registry: &str, name: &str, kind: Kind, query: &str) -> ApiRequest {
         ApiRequest {
-            registry: Registry::parse(registry).unwrap(),
+            registry: RegistryHost::parse(registry).unwrap(),
             name: name.into(),
             kind,
             query: query.into(),
@@ -96,7 +98,7 @@ mod tests {
     }
 
     fn tag(t: &str) -> Kind {
-        Kind::Manifest(Reference::Tag(t.into()))
+        Kind::Manifest(ManifestRef::Tag(t.into()))
     }
 
     fn up(prefix: &str) -> Upstream {
@@ -139,7 +141,7 @@ mod tests {
     )]
     #[case::blob(req("quay.io", "prometheus/node-exporter", Kind::Blob(Digest::parse(SHA).unwrap()), ""),
         "quay", &format!("/v2/quay/prometheus/node-exporter/blobs/{SHA}"))]
-    #[case::digest(req("docker.io", "alpine", Kind::Manifest(Reference::Digest(Digest::parse(SHA).unwrap())), ""),
+    #[case::digest(req("docker.io", "alpine", Kind::Manifest(ManifestRef::Digest(Digest::parse(SHA).unwrap())), ""),
         "docker-hub", &format!("/v2/docker-hub/library/alpine/manifests/{SHA}"))]
     #[case::tags_paging(
         req("docker.io", "alpine", Kind::Tags, "n=10&last=3.18"),

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, NoRegion};
-use crate::ops::Ops;
+use crate::ops::{Ops, Readiness, Ready};
 use crate::server;
 
 use self::forward::{ForwardError, Forwarder};
@@ -74,7 +74,13 @@ pub async fn serve(
         base,
         metrics.clone(),
     );
-    let ops_handler = Ops::new(tokens.clone(), metrics, registry);
+    let ops_handler = Ops::new(
+        Arc::new(TokenReadiness {
+            tokens: tokens.clone(),
+            metrics,
+        }),
+        registry,
+    );
 
     // Fetch the token now so the first pull does not wait for it; failures only mean not ready.
     tokio::spawn(async move {
@@ -92,12 +98,13 @@ pub async fn serve(
     let grace = config.timeouts.shutdown;
     let limits = config.server;
     let (mirror_done, ops_done) = tokio::join!(
-        server::serve(
+        server::serve_with(
             mirror,
             Arc::new(proxy),
             stop.clone().cancelled_owned(),
             grace,
             limits,
+            |stream, _peer| async move { Some(connection(stream)) },
         ),
         server::serve(
             ops,
@@ -108,4 +115,44 @@ pub async fn serve(
         ),
     );
     Ok(mirror_done && ops_done)
+}
+
+/// The mirror's client connection: on Linux it can send blob bodies with `splice(2)`
+/// ([`splice`]).
+#[cfg(target_os = "linux")]
+fn connection(stream: tokio::net::TcpStream) -> splice::SpliceIo {
+    splice::SpliceIo::new(stream)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn connection(stream: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    stream
+}
+
+/// How long `/readyz` waits for a token: below kubelet's default 1 s probe timeout, so a fetch
+/// that takes longer (the SDK retrying) answers "not ready" now rather than a probe timeout later.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
+
+/// The mirror is ready once it holds an ECR token. Only the token: not the circuit breaker
+/// ([`breaker`] says why), so an ECR outage never makes `pullthrough node` or kubelet take the
+/// mirror out.
+struct TokenReadiness {
+    tokens: TokenCache,
+    metrics: Metrics,
+}
+
+impl Readiness for TokenReadiness {
+    async fn ready(&self) -> Ready {
+        match tokio::time::timeout(READY_WAIT, self.tokens.get()).await {
+            Ok(Ok(_)) => Ready::yes("ready"),
+            Ok(Err(e)) => Ready::no(format!("not ready: {e}")),
+            Err(_) => Ready::no("not ready: ECR token fetch in progress"),
+        }
+    }
+
+    async fn refresh_metrics(&self) {
+        self.metrics
+            .token_seconds_left
+            .set(self.tokens.seconds_left().await);
+    }
 }

@@ -22,10 +22,12 @@ use super::cache::{CachedManifest, ManifestCache};
 use super::forward::{self, ForwardError, Forwarder, IdleTimeout};
 use super::map::{self, Target};
 use super::metrics::{Metrics, UpstreamLabels};
-use super::respond::{self, API_VERSION, API_VERSION_HEADER, Missing, ProxyBody, ProxyError};
-use super::route::{self, ApiRequest, Kind, Reference, Route};
+use super::respond::{Missing, ProxyError};
+use super::route::{self, ApiRequest, Kind, ManifestRef, Route};
 use super::token::{Token, TokenCache};
+use crate::body::{ResponseBody, empty, full};
 use crate::config::Config;
+use crate::oci::{API_VERSION, API_VERSION_HEADER};
 
 /// Largest manifest accepted from ECR; registries (ECR included) refuse larger ones on push.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -55,7 +57,7 @@ struct Inner {
 
 /// A successful answer, before logging.
 struct Served {
-    response: Response<ProxyBody>,
+    response: Response<ResponseBody>,
     upstream_path: String,
     cache: &'static str,
     from_upstream: bool,
@@ -341,7 +343,7 @@ impl Proxy {
         };
         check_status(resp.status(), missing)?;
         let (parts, body) = resp.into_parts();
-        let body = if head { respond::empty() } else { body.boxed() };
+        let body = if head { empty() } else { body.boxed() };
         let mut response = Response::new(body);
         *response.status_mut() = parts.status;
         *response.headers_mut() = forward::response_headers(&parts.headers);
@@ -360,13 +362,13 @@ impl Proxy {
         &self,
         api: &ApiRequest,
         target: &Target,
-        reference: &Reference,
+        reference: &ManifestRef,
         head: bool,
         client_headers: &HeaderMap,
     ) -> Result<Served, ProxyError> {
         let wanted = match reference {
-            Reference::Digest(d) => Some(d),
-            Reference::Tag(_) => None,
+            ManifestRef::Digest(d) => Some(d),
+            ManifestRef::Tag(_) => None,
         };
         if let Some(d) = wanted
             && let Some(m) = self
@@ -391,7 +393,7 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         if parts.status != StatusCode::OK {
             // 304 and redirects: headers only, as ECR sent them.
-            let mut response = Response::new(respond::empty());
+            let mut response = Response::new(empty());
             *response.status_mut() = parts.status;
             *response.headers_mut() = forward::response_headers(&parts.headers);
             // The body is not relayed, so its length must not be announced.
@@ -486,12 +488,8 @@ fn manifest_response(
     m: &CachedManifest,
     etag: Option<&HeaderValue>,
     head: bool,
-) -> Response<ProxyBody> {
-    let mut resp = Response::new(if head {
-        respond::empty()
-    } else {
-        respond::full(m.body.clone())
-    });
+) -> Response<ResponseBody> {
+    let mut resp = Response::new(if head { empty() } else { full(m.body.clone()) });
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&m.media_type) {
@@ -509,8 +507,8 @@ fn manifest_response(
     resp
 }
 
-fn root_response() -> Response<ProxyBody> {
-    let mut resp = Response::new(respond::full(Bytes::from_static(b"{}")));
+fn root_response() -> Response<ResponseBody> {
+    let mut resp = Response::new(full(Bytes::from_static(b"{}")));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     add_api_version(h);

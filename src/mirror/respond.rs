@@ -6,37 +6,14 @@
 //! registry) on any error status, and retries 429 and 408 at once with no backoff, so those
 //! become 503.
 
-use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http::{Response, StatusCode};
 
 use super::breaker::BreakerError;
 use super::map::MapError;
 use super::route::RouteError;
 use super::token::TokenError;
-
-/// The body type every response uses: streamed from upstream, or built here.
-pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BodyError>;
-
-/// An error while streaming a body; hyper aborts the client connection on it, so a truncated
-/// body is never mistaken for a complete one.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-
-/// `Docker-Distribution-API-Version`, which clients expect on every registry response.
-pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
-/// Its only value.
-pub const API_VERSION: &str = "registry/2.0";
-
-/// A whole, small body.
-pub fn full(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
-}
-
-/// No body.
-pub fn empty() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed()
-}
+use crate::body::ResponseBody;
+use crate::oci::{ErrorCode, error_response};
 
 /// Where an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,50 +24,6 @@ pub enum Source {
     Upstream,
     /// A fault of our own.
     Internal,
-}
-
-/// OCI distribution error codes (plus `TAG_INVALID`, `UNAVAILABLE` and `UNKNOWN` from the
-/// CNCF distribution registry, which clients also understand).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// `BLOB_UNKNOWN`.
-    BlobUnknown,
-    /// `DIGEST_INVALID`.
-    DigestInvalid,
-    /// `MANIFEST_UNKNOWN`.
-    ManifestUnknown,
-    /// `MANIFEST_INVALID`.
-    ManifestInvalid,
-    /// `NAME_INVALID`.
-    NameInvalid,
-    /// `NAME_UNKNOWN`.
-    NameUnknown,
-    /// `TAG_INVALID`.
-    TagInvalid,
-    /// `UNSUPPORTED`.
-    Unsupported,
-    /// `UNAVAILABLE`.
-    Unavailable,
-    /// `UNKNOWN`.
-    Unknown,
-}
-
-impl ErrorCode {
-    /// The wire form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
-            ErrorCode::DigestInvalid => "DIGEST_INVALID",
-            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
-            ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
-            ErrorCode::NameInvalid => "NAME_INVALID",
-            ErrorCode::NameUnknown => "NAME_UNKNOWN",
-            ErrorCode::TagInvalid => "TAG_INVALID",
-            ErrorCode::Unsupported => "UNSUPPORTED",
-            ErrorCode::Unavailable => "UNAVAILABLE",
-            ErrorCode::Unknown => "UNKNOWN",
-        }
-    }
 }
 
 /// What ECR did not have, for the code of a 404.
@@ -208,7 +141,7 @@ impl ProxyError {
 
     /// The response: status from [`classify`](Self::classify) and an OCI error body
     /// (headers only for HEAD).
-    pub fn into_response(self, head: bool) -> Response<ProxyBody> {
+    pub fn into_response(self, head: bool) -> Response<ResponseBody> {
         let (source, status, code) = self.classify();
         match source {
             Source::Internal => tracing::error!(error = %self, "internal error"),
@@ -219,31 +152,11 @@ impl ProxyError {
     }
 }
 
-/// An OCI error response: `status`, and `{"errors":[{code,message,detail}]}` (headers only for
-/// HEAD). [`ProxyError::into_response`] and the server's own refusals
-/// ([`crate::server::Refused`]) both answer through it.
-pub fn error_response(
-    status: StatusCode,
-    code: ErrorCode,
-    message: &str,
-    head: bool,
-) -> Response<ProxyBody> {
-    let body = serde_json::json!({
-        "errors": [{ "code": code.as_str(), "message": message, "detail": null }]
-    })
-    .to_string();
-    let mut resp = Response::new(if head { empty() } else { full(body.clone()) });
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::{API_VERSION, API_VERSION_HEADER};
+    use http_body_util::BodyExt;
     use rstest::rstest;
     use std::time::Duration;
 

@@ -8,10 +8,8 @@ use std::collections::BTreeMap;
 
 use http::Method;
 
-use crate::config::{Registry, Upstream};
-
-/// Longest repository name the distribution spec and registries accept.
-pub const MAX_NAME_LEN: usize = 255;
+use crate::config::upstreams::Upstream;
+use crate::oci::{Digest, MAX_NAME_LEN, RegistryHost, valid_name, valid_tag};
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +24,7 @@ pub enum Route {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiRequest {
     /// The upstream registry, from `?ns=`, the path prefix or `default_upstream`.
-    pub registry: Registry,
+    pub registry: RegistryHost,
     /// The repository name as the client named it (no `library/` added yet).
     pub name: String,
     /// Which endpoint.
@@ -39,7 +37,7 @@ pub struct ApiRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// `/manifests/<tag or digest>`.
-    Manifest(Reference),
+    Manifest(ManifestRef),
     /// `/blobs/<digest>`.
     Blob(Digest),
     /// `/tags/list`.
@@ -62,62 +60,19 @@ impl Kind {
 
 /// A manifest reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reference {
+pub enum ManifestRef {
     /// A tag, e.g. `3.19`.
     Tag(String),
     /// A content digest.
     Digest(Digest),
 }
 
-/// A validated `algorithm:encoded` digest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Digest(String);
-
-impl Digest {
-    /// Parses a digest: the OCI grammar, with exact lengths for sha256 and sha512.
-    pub fn parse(s: &str) -> Option<Digest> {
-        let (alg, enc) = s.split_once(':')?;
-        let alg_ok = !alg.is_empty()
-            && alg.split(['+', '.', '_', '-']).all(|c| {
-                !c.is_empty()
-                    && c.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            });
-        let enc_ok = !enc.is_empty()
-            && enc
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'));
-        let lower_hex = |n: usize| {
-            enc.len() == n
-                && enc
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        };
-        let len_ok = match alg {
-            "sha256" => lower_hex(64),
-            "sha512" => lower_hex(128),
-            _ => true,
-        };
-        (alg_ok && enc_ok && len_ok).then(|| Digest(s.to_owned()))
-    }
-
-    /// The digest as written, e.g. `sha256:abc…`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The hex part of a sha256 digest, the only algorithm this proxy verifies.
-    pub fn sha256_hex(&self) -> Option<&str> {
-        self.0.strip_prefix("sha256:")
-    }
-}
-
-impl Reference {
+impl ManifestRef {
     /// The reference as it appears in the path.
     pub fn as_str(&self) -> &str {
         match self {
-            Reference::Tag(t) => t,
-            Reference::Digest(d) => d.as_str(),
+            ManifestRef::Tag(t) => t,
+            ManifestRef::Digest(d) => d.as_str(),
         }
     }
 }
@@ -150,8 +105,8 @@ pub fn route(
     method: &Method,
     path: &str,
     query: Option<&str>,
-    upstreams: &BTreeMap<Registry, Upstream>,
-    default_upstream: Option<&Registry>,
+    upstreams: &BTreeMap<RegistryHost, Upstream>,
+    default_upstream: Option<&RegistryHost>,
 ) -> Result<Route, RouteError> {
     if method != Method::GET && method != Method::HEAD {
         return Err(RouteError::MethodNotAllowed(method.to_string()));
@@ -174,7 +129,7 @@ pub fn route(
     let (ns, kept_query) = split_ns(query.unwrap_or(""));
     let (registry, name_segments) = match ns {
         Some(ns) => {
-            let reg = Registry::parse(&ns)
+            let reg = RegistryHost::parse(&ns)
                 .filter(|r| upstreams.contains_key(r))
                 .ok_or(RouteError::UnknownRegistry(truncate(&ns)))?;
             (reg, name_segments)
@@ -221,75 +176,20 @@ pub fn route(
 /// configured registry and a name follows it.
 fn path_prefix_registry(
     segments: &[&str],
-    upstreams: &BTreeMap<Registry, Upstream>,
-) -> Option<Registry> {
+    upstreams: &BTreeMap<RegistryHost, Upstream>,
+) -> Option<RegistryHost> {
     if segments.len() < 2 {
         return None;
     }
-    Registry::parse(segments[0]).filter(|r| upstreams.contains_key(r))
+    RegistryHost::parse(segments[0]).filter(|r| upstreams.contains_key(r))
 }
 
 /// A manifest reference is a digest if it has a `:`, else a tag.
-fn parse_reference(r: &str) -> Option<Reference> {
+fn parse_reference(r: &str) -> Option<ManifestRef> {
     if r.contains(':') {
-        return Digest::parse(r).map(Reference::Digest);
+        return Digest::parse(r).map(ManifestRef::Digest);
     }
-    valid_tag(r).then(|| Reference::Tag(r.to_owned()))
-}
-
-/// `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
-pub fn valid_tag(t: &str) -> bool {
-    let b = t.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
-
-/// The distribution name grammar: `/`-separated components of `[a-z0-9]+` joined by `.`, `_`,
-/// `__` or any run of `-`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.split('/').all(valid_component)
-}
-
-fn valid_component(c: &str) -> bool {
-    let b = c.as_bytes();
-    if b.is_empty() || !is_alnum(b[0]) || !is_alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if is_alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        // A separator run: ".", "_", "__" or "-"+, always followed by an alphanumeric.
-        let start = i;
-        match b[i] {
-            b'.' => i += 1,
-            b'_' => {
-                i += 1;
-                if b.get(i) == Some(&b'_') {
-                    i += 1;
-                }
-            }
-            b'-' => {
-                while b.get(i) == Some(&b'-') {
-                    i += 1;
-                }
-            }
-            _ => return false,
-        }
-        if i == start || !b.get(i).is_some_and(|&c| is_alnum(c)) {
-            return false;
-        }
-    }
-    true
-}
-
-fn is_alnum(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit()
+    valid_tag(r).then(|| ManifestRef::Tag(r.to_owned()))
 }
 
 /// Splits `ns` (percent-decoded) out of a raw query and keeps the rest byte for byte.
@@ -352,11 +252,11 @@ mod tests {
 
     const SHA: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-    fn upstreams() -> BTreeMap<Registry, Upstream> {
+    fn upstreams() -> BTreeMap<RegistryHost, Upstream> {
         ["docker.io", "quay.io", "registry.k8s.io", "localhost:5000"]
             .iter()
             .map(|r| {
-                let reg = Registry::parse(r).unwrap();
+                let reg = RegistryHost::parse(r).unwrap();
                 let up = Upstream {
                     prefix: "p1".into(),
                     server: reg.default_server(),
@@ -368,7 +268,7 @@ mod tests {
 
     fn api(registry: &str, name: &str, kind: Kind, query: &str) -> Result<Route, RouteError> {
         Ok(Route::Api(ApiRequest {
-            registry: Registry::parse(registry).unwrap(),
+            registry: RegistryHost::parse(registry).unwrap(),
             name: name.into(),
             kind,
             query: query.into(),
@@ -376,7 +276,7 @@ mod tests {
     }
 
     fn tag(t: &str) -> Kind {
-        Kind::Manifest(Reference::Tag(t.into()))
+        Kind::Manifest(ManifestRef::Tag(t.into()))
     }
 
     fn digest() -> Digest {
@@ -400,7 +300,7 @@ mod tests {
         api("docker.io", "alpine", tag("latest"), "")
     )]
     #[case::manifest_digest("HEAD", &format!("/v2/library/alpine/manifests/{SHA}"), Some("ns=docker.io"),
-        api("docker.io", "library/alpine", Kind::Manifest(Reference::Digest(digest())), ""))]
+        api("docker.io", "library/alpine", Kind::Manifest(ManifestRef::Digest(digest())), ""))]
     #[case::blob("GET", &format!("/v2/prometheus/node-exporter/blobs/{SHA}"), Some("ns=quay.io"),
         api("quay.io", "prometheus/node-exporter", Kind::Blob(digest()), ""))]
     #[case::tags_keep_query(
@@ -532,7 +432,7 @@ mod tests {
     #[test]
     fn default_upstream_is_used_without_ns() {
         let ups = upstreams();
-        let hub = Registry::parse("docker.io").unwrap();
+        let hub = RegistryHost::parse("docker.io").unwrap();
         let got = route(
             &Method::GET,
             "/v2/alpine/manifests/1",

@@ -42,7 +42,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Re
 use tokio::net::TcpStream;
 
 use super::forward::{BodyStalled, ForwardError};
-use super::respond::BodyError;
+use crate::body::BodyError;
 
 /// The most one placeholder chunk, and so one splice from the upstream, carries. The pipe is
 /// asked for this capacity too; four times the default means a quarter of the wakeups.
@@ -683,6 +683,16 @@ impl Drop for SpliceBody {
             // later response still come, its placeholders must not meet this body's bytes.
             self.slot.lock().broken = true;
         }
+    }
+}
+
+impl crate::server::Connection for SpliceIo {
+    type Extension = Slot;
+
+    /// The connection's pipe: a blob GET on it can be spliced. Only plain TCP has one, since TLS
+    /// must see every byte.
+    fn extension(&self) -> Option<Slot> {
+        Some(self.slot())
     }
 }
 

@@ -425,7 +425,7 @@ fn make_token(f: FetchedToken) -> Result<Token, TokenError> {
         proxy_endpoint: f
             .proxy_endpoint
             .as_deref()
-            .and_then(crate::config::parse_base_url),
+            .and_then(crate::config::ecr::parse_base_url),
         // Refresh at three quarters of the lifetime: 9 h into a 12 h ECR token.
         refresh_at: now + lifetime.mul_f64(0.75),
         usable_until: now + lifetime,

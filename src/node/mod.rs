@@ -5,7 +5,7 @@
 //!    that cannot serve yet;
 //! 2. checks that containerd reads `certs.d` at all ([`containerd_config`]), and reports
 //!    not-ready, with a log line and a metric, when it does not;
-//! 3. installs the `hosts.toml` files ([`hosts::install`]) and keeps them right, re-checking
+//! 3. installs the `hosts.toml` files ([`install::install`]) and keeps them right, re-checking
 //!    every `resync`;
 //! 4. on SIGTERM exits and leaves the files in place. A restarting or updating pod must not flap
 //!    them, and leaving them is safe: with the mirror gone, containerd's connect is refused at
@@ -18,6 +18,7 @@
 
 pub mod containerd_config;
 pub mod hosts;
+pub mod install;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -26,9 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::StatusCode;
 use http_body_util::Empty;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -42,9 +42,8 @@ use tokio_util::sync::CancellationToken;
 use self::containerd_config::ConfigPath;
 use self::hosts::Change;
 use crate::config::Config;
-use crate::mirror::respond::ProxyBody;
-use crate::ops;
-use crate::server::{self, BoxFuture, Handler};
+use crate::ops::{Ops, Readiness, Ready};
+use crate::server;
 
 /// How often to ask the mirror whether it is ready, before the first install.
 const READY_POLL: Duration = Duration::from_secs(1);
@@ -76,7 +75,7 @@ impl NodeOptions {
 pub enum NodeError {
     /// Removal failed; the uninstall cannot report done.
     #[error(transparent)]
-    Hosts(#[from] hosts::HostsError),
+    Hosts(#[from] install::HostsError),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -138,35 +137,13 @@ impl Status {
     }
 }
 
-#[derive(Debug)]
-struct NodeOps {
-    status: Arc<Status>,
-    registry: Registry,
-}
-
-impl Handler for NodeOps {
-    type Body = ProxyBody;
-    fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<ProxyBody>> {
-        let resp = if req.method() != Method::GET && req.method() != Method::HEAD {
-            ops::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
+impl Readiness for Status {
+    async fn ready(&self) -> Ready {
+        if self.ready.load(Ordering::Relaxed) {
+            Ready::yes(format!("ready: {}", self.why()))
         } else {
-            match req.uri().path() {
-                "/healthz" => ops::text(StatusCode::OK, "ok\n".into()),
-                "/readyz" if self.status.ready.load(Ordering::Relaxed) => {
-                    ops::text(StatusCode::OK, format!("ready: {}\n", self.status.why()))
-                }
-                "/readyz" => ops::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {}\n", self.status.why()),
-                ),
-                "/metrics" => ops::encode_metrics(&self.registry),
-                _ => ops::text(
-                    StatusCode::NOT_FOUND,
-                    "not found: try /healthz, /readyz or /metrics\n".into(),
-                ),
-            }
-        };
-        Box::pin(async move { resp })
+            Ready::no(format!("not ready: {}", self.why()))
+        }
     }
 }
 
@@ -181,10 +158,7 @@ pub async fn run(
     let metrics = NodeMetrics::register(&mut registry);
     let status = Arc::new(Status::default());
     status.set(false, "starting");
-    let handler = Arc::new(NodeOps {
-        status: Arc::clone(&status),
-        registry,
-    });
+    let handler = Arc::new(Ops::new(Arc::clone(&status), registry));
     let stop = CancellationToken::new();
     let ops_server = tokio::spawn(server::serve(
         listener,
@@ -215,7 +189,7 @@ async fn work(
 ) -> Result<(), NodeError> {
     let certs = opts.on_host(&opts.certs_dir);
     if opts.remove {
-        for r in hosts::remove(&certs)? {
+        for r in install::remove(&certs)? {
             tracing::info!(path = %r.path.display(), change = %r.change, "hosts.toml");
         }
         status.set(true, "pullthrough's hosts.toml files are removed");
@@ -249,7 +223,7 @@ async fn work(
             _ => {}
         }
         last_verdict = Some(verdict_text);
-        match hosts::install(config, &certs) {
+        match install::install(config, &certs) {
             Ok(reports) => {
                 let mut managed = 0;
                 let mut skipped = 0;

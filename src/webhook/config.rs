@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::reference::{DigestRefs, ImagePattern};
-use crate::config::{ConfigError, Locator};
+use super::rewrite::{DigestRefs, ImagePattern};
+use crate::config::error::{ConfigError, Locator};
 
 /// Default HTTPS address: the pod IP, where the Service sends the API server's calls.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";

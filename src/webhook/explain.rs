@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use super::reference::{Reference, ReferenceError, Rewrite, Rules, rewrite};
+use super::reference::{Reference, ReferenceError};
+use super::rewrite::{Rewrite, Rules, rewrite};
 
 /// One image, normalized and decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,7 @@ pub fn explain<S: AsRef<str>>(images: &[S], rules: &Rules) -> Vec<Explained> {
             let normalized = Reference::parse(&input);
             let rewrite = match &normalized {
                 Ok(r) => rewrite(r, rules),
-                Err(e) => Rewrite::Unchanged(super::reference::Reason::Invalid(e.clone())),
+                Err(e) => Rewrite::Unchanged(super::rewrite::Reason::Invalid(e.clone())),
             };
             Explained {
                 input,

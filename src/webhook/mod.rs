@@ -16,6 +16,7 @@ pub mod config;
 pub mod explain;
 pub mod mutate;
 pub mod reference;
+pub mod rewrite;
 pub mod tls;
 
 use std::collections::BTreeSet;
@@ -37,11 +38,13 @@ use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, Registry};
-use crate::mirror::respond::{self, ProxyBody};
+use crate::body::{ResponseBody, full, text};
+use crate::config::{Config, ConfigError};
+use crate::oci::RegistryHost;
+use crate::ops::{Ops, Readiness, Ready};
 use crate::server::{self, BoxFuture, Handler};
 use crate::webhook::mutate::{Decision, Mutation, Policy};
-use crate::webhook::reference::Rules;
+use crate::webhook::rewrite::Rules;
 use crate::webhook::tls::{ReloadCounters, ReloadingCert, TlsError};
 
 /// Largest request body read. An `AdmissionReview` holds the pod twice (object and oldObject),
@@ -82,7 +85,7 @@ impl WebhookError {
 /// This account's ECR registry host, which rewritten images name: `ecr.endpoint`'s host, else
 /// `<ecr.account>.dkr.ecr.<region>.amazonaws.com`. `region` is `ecr.region` or, failing that,
 /// the caller's (the environment's). No AWS call: the webhook needs no AWS identity.
-pub fn ecr_registry(config: &Config, region: Option<&str>) -> Result<Registry, WebhookError> {
+pub fn ecr_registry(config: &Config, region: Option<&str>) -> Result<RegistryHost, WebhookError> {
     let region = config.ecr.region.as_deref().or(region);
     let base = config
         .ecr
@@ -94,7 +97,7 @@ pub fn ecr_registry(config: &Config, region: Option<&str>) -> Result<Registry, W
     base.authority()
         .and_then(|a| {
             let a = a.as_str();
-            Registry::parse(a.strip_suffix(":443").unwrap_or(a))
+            RegistryHost::parse(a.strip_suffix(":443").unwrap_or(a))
         })
         .ok_or(WebhookError::NoRegistry)
 }
@@ -244,7 +247,7 @@ impl Webhook {
     }
 
     /// Answers one request. Never a 5xx: 200 with a review, or 4xx for what is not one.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
     where
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
@@ -274,7 +277,7 @@ impl Webhook {
             Ok((review, mutation)) => {
                 self.metrics.record(&mutation, self.mode);
                 log(&review, &mutation);
-                let mut resp = Response::new(respond::full(review.to_string()));
+                let mut resp = Response::new(full(review.to_string()));
                 resp.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 resp
@@ -282,7 +285,7 @@ impl Webhook {
             Err(e) => {
                 tracing::warn!(error = %e, "refused a request that is not an AdmissionReview");
                 self.bad_request();
-                text(StatusCode::BAD_REQUEST, &format!("{e}\n"))
+                text(StatusCode::BAD_REQUEST, format!("{e}\n"))
             }
         };
         self.metrics
@@ -329,90 +332,35 @@ fn log(review: &serde_json::Value, m: &Mutation) {
 }
 
 impl Handler for Webhook {
-    type Body = ProxyBody;
-    fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<ProxyBody>> {
+    type Body = ResponseBody;
+    fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<ResponseBody>> {
         let w = self.clone();
         Box::pin(async move { w.handle(req).await })
     }
 }
 
-/// The plain-HTTP ops handler: `/healthz`, `/readyz`, `/metrics`.
-#[derive(Debug, Clone)]
-pub struct WebhookOps {
-    registry: Arc<MetricsRegistry>,
-    draining: Arc<AtomicBool>,
-}
+/// The webhook's readiness: ready from the start (the certificate was loaded before the
+/// listeners were bound, and a failed reload keeps the previous one, so once serving the webhook
+/// can always answer), until shutdown begins: then `/readyz` says 503 so the pod leaves the
+/// Service's endpoints, while both listeners keep answering for [`DRAIN_DELAY`].
+#[derive(Debug, Default)]
+pub struct Draining(AtomicBool);
 
-impl WebhookOps {
-    /// An ops handler exporting `registry`.
-    pub fn new(registry: MetricsRegistry) -> Self {
-        Self {
-            registry: Arc::new(registry),
-            draining: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// From now on `/readyz` answers 503, so the pod leaves the Service's endpoints.
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    /// Answers one ops request.
-    pub fn handle<B>(&self, req: &Request<B>) -> Response<ProxyBody> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
-        }
-        match req.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n"),
-            // Shutting down: out of the endpoints, though still answering for DRAIN_DELAY.
-            "/readyz" if self.draining.load(Ordering::Relaxed) => {
-                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-            }
-            // The certificate was loaded before the listeners were bound, and a failed reload
-            // keeps the previous one: once serving, the webhook can always answer.
-            "/readyz" => text(StatusCode::OK, "ready\n"),
-            "/metrics" => {
-                let mut out = String::new();
-                if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry)
-                {
-                    return text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("encoding metrics: {e}\n"),
-                    );
-                }
-                let mut resp = Response::new(respond::full(out));
-                resp.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                resp
-            }
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz or /metrics\n",
-            ),
-        }
+impl Draining {
+    /// From now on `/readyz` answers 503.
+    pub fn start(&self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
-impl Handler for WebhookOps {
-    type Body = ProxyBody;
-    fn call(&self, req: Request<Incoming>) -> BoxFuture<Response<ProxyBody>> {
-        let resp = self.handle(&req);
-        Box::pin(async move { resp })
+impl Readiness for Draining {
+    async fn ready(&self) -> Ready {
+        if self.0.load(Ordering::Relaxed) {
+            Ready::no("shutting down")
+        } else {
+            Ready::yes("ready")
+        }
     }
-}
-
-fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(respond::full(body.to_owned()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 /// Everything `pullthrough webhook` needs before it binds: validated rules, the loaded
@@ -420,7 +368,8 @@ fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
 #[derive(Debug)]
 pub struct WebhookServer {
     webhook: Webhook,
-    ops: WebhookOps,
+    draining: Arc<Draining>,
+    metrics_registry: MetricsRegistry,
     cert: Arc<ReloadingCert>,
     grace: Duration,
     limits: crate::server::Limits,
@@ -463,7 +412,8 @@ impl WebhookServer {
         };
         Ok(WebhookServer {
             webhook: Webhook::new(policy, metrics),
-            ops: WebhookOps::new(registry),
+            draining: Arc::default(),
+            metrics_registry: registry,
             cert: Arc::new(cert),
             grace: config.timeouts.shutdown,
             limits: config.server,
@@ -483,10 +433,10 @@ impl WebhookServer {
             tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(Arc::clone(&self.cert))?));
         let stop = CancellationToken::new();
         let trigger = stop.clone();
-        let ops_handler = self.ops.clone();
+        let draining = Arc::clone(&self.draining);
         tokio::spawn(async move {
             shutdown.await;
-            ops_handler.set_draining();
+            draining.start();
             tracing::info!(
                 delay = ?DRAIN_DELAY,
                 "shutting down: /readyz now 503, still answering until endpoints catch up"
@@ -505,7 +455,7 @@ impl WebhookServer {
             ),
             server::serve(
                 ops,
-                Arc::new(self.ops),
+                Arc::new(Ops::new(self.draining, self.metrics_registry)),
                 stop.cancelled_owned(),
                 self.grace,
                 self.limits,
@@ -518,7 +468,7 @@ impl WebhookServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webhook::reference::{Reason, Rewrite, rewrite_str};
+    use crate::webhook::rewrite::{Reason, Rewrite, rewrite_str};
     use rstest::rstest;
 
     const ECR: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";

@@ -32,7 +32,7 @@ use kube_core::{DynamicObject, TypeMeta};
 use serde_json::Value;
 
 use super::config::Mode;
-use super::reference::{Reason, Rewrite, Rules, rewrite_str};
+use super::rewrite::{Reason, Rewrite, Rules, rewrite_str};
 
 /// Pods (and namespaces, through the webhook's `namespaceSelector`) with this label set to
 /// `"true"` are never changed.

@@ -14,10 +14,11 @@ use std::collections::BTreeMap;
 use http::{Method, Uri};
 use proptest::prelude::*;
 
-use crate::config::{Registry, Upstream, valid_prefix};
+use crate::config::upstreams::{Upstream, valid_prefix};
 use crate::mirror::forward::upstream_uri;
 use crate::mirror::map::map;
 use crate::mirror::route::{Route, route};
+use crate::oci::RegistryHost;
 
 const SHA: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -30,10 +31,10 @@ const BASES: &[&str] = &[
     "https://ecr.internal.example:443/",
 ];
 
-fn upstreams(prefix: &str) -> BTreeMap<Registry, Upstream> {
+fn upstreams(prefix: &str) -> BTreeMap<RegistryHost, Upstream> {
     ["docker.io", "quay.io", "localhost:5000", "registry.k8s.io"]
         .iter()
-        .filter_map(|r| Registry::parse(r))
+        .filter_map(|r| RegistryHost::parse(r))
         .enumerate()
         .map(|(i, reg)| {
             // Distinct prefixes, as config validation demands; the first is the generated one.

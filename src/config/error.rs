@@ -1,0 +1,125 @@
+//! Where a config error is, and what is wrong: the leaf every config section uses.
+//!
+//! Each section (the root's own keys in [`super`], `[ecr]`, `[upstreams]`, `[timeouts]`, and the
+//! sections that belong to one program: `[breaker]`, `[server]`, `[webhook]`, `[ecr_setup]`)
+//! validates its raw TOML with a [`Locator`], which turns a byte span into `file:line: key:`.
+//! Sections depend on this file alone, never on the root that composes them, so the config has
+//! no import circle.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use toml::Spanned;
+
+/// A config error: where it is, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        /// The config file.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file was read, but a value is wrong. `line` is 1-based.
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        /// The config file.
+        path: String,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// Dotted key path, e.g. `upstreams."docker.io".prefix`.
+        key: String,
+        /// What is wrong, and what would be right.
+        message: String,
+    },
+}
+
+/// Turns byte spans into line numbers and builds errors.
+#[derive(Clone, Copy)]
+pub struct Locator<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) path: &'a str,
+}
+
+impl Locator<'_> {
+    /// The config file's name, as errors show it.
+    pub(crate) fn path(&self) -> &str {
+        self.path
+    }
+
+    pub(crate) fn line(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    pub(crate) fn err(
+        &self,
+        span: &Range<usize>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: self.line(span),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A positive duration such as `"5s"` or `"500ms"`, or `default` when the key is absent. The
+    /// error's example is the default, so it reads as a value to copy.
+    pub(crate) fn positive_duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(s) = value else {
+            return Ok(default);
+        };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(self.err(
+                &s.span(),
+                key,
+                format!(
+                    "{:?} is not a positive duration, e.g. \"{}\" or \"500ms\"",
+                    s.get_ref(),
+                    humantime::format_duration(default)
+                ),
+            )),
+        }
+    }
+
+    /// An `IP:port` value, or `default` when the key is absent. `example` goes into the error.
+    pub(crate) fn socket_addr(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+        example: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        match value {
+            None => default
+                .parse::<SocketAddr>()
+                .map_err(|e| self.err(&(0..0), key, e.to_string())),
+            Some(s) => s.get_ref().parse::<SocketAddr>().map_err(|_| {
+                self.err(
+                    &s.span(),
+                    key,
+                    format!(
+                        "{:?} is not an IP:port address, e.g. \"{example}\"",
+                        s.get_ref()
+                    ),
+                )
+            }),
+        }
+    }
+}
