@@ -12,8 +12,8 @@
 # without Docker.
 #
 # The image must never depend on pullthrough to be pulled: keep it in a registry that nodes reach
-# directly (this one, or a private ECR repository that is not a pull-through prefix). See the
-# README, "Install on EKS".
+# directly (this one, or a private ECR repository that is not a pull-through prefix). See
+# docs/install.md, "The DaemonSet's own image".
 
 FROM rust:1.95-alpine AS build
 RUN apk add --no-cache musl-dev ca-certificates
