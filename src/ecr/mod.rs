@@ -90,7 +90,7 @@ impl EcrOpsError {
 #[cfg(test)]
 mod tests {
     /// Every ECR operation the `ecr` commands call, read from the sources (each call goes
-    /// through `api_error("Operation", …)`), must be in the admin IAM policy the README shows.
+    /// through `api_error("Operation", …)`), must be in the admin IAM policy that docs/ecr-setup.md shows (docs/iam/ecr-admin-policy.json).
     #[test]
     fn the_documented_admin_policy_allows_every_call() {
         let sources = [

@@ -1,7 +1,7 @@
 //! The Kubernetes manifests (`deploy/node/`, `deploy/`) and the IAM examples: every YAML document
 //! parses into its typed Kubernetes object with nothing lost (so a misspelt field fails here,
 //! not on a cluster), every kustomization renders, and the DaemonSet has the properties the
-//! README promises.
+//! docs (docs/install.md) promise.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
