@@ -88,7 +88,7 @@ fn a_misspelt_field_fails_the_roundtrip() {
 #[test]
 fn every_yaml_document_is_a_valid_typed_object() {
     let mut files = Vec::new();
-    for dir in ["daemonset", "deploy"] {
+    for dir in ["deploy"] {
         yaml_files(&repo_root().join(dir), &mut files);
     }
     assert!(files.len() >= 10, "{files:?}");
@@ -226,7 +226,7 @@ fn assert_locked_down(c: &Container) {
 
 #[test]
 fn the_daemonset_has_the_promised_properties() {
-    let docs = render("daemonset");
+    let docs = render("deploy/node");
     let ds = daemonset(&docs, "pullthrough");
     let spec = &ds.spec;
     let rolling = spec
