@@ -1,5 +1,5 @@
 //! Micro-benchmarks of image-reference normalization and the rewrite decision
-//! ([`pullthrough::webhook::reference`]), which the webhook runs for every image of every admitted pod
+//! ([`pullthrough::oci::reference`]), which the webhook runs for every image of every admitted pod
 //! and `pullthrough rewrite` for every argument, in nanoseconds per call.
 //! `cargo bench --bench reference`.
 
@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use pullthrough::config::Config;
-use pullthrough::webhook::reference::Reference;
+use pullthrough::oci::reference::Reference;
 use pullthrough::webhook::rewrite::rewrite;
 
 const CONFIG: &str = r#"

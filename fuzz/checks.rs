@@ -13,9 +13,9 @@ use http::{Method, Uri};
 use pullthrough::config::{Config, ConfigError};
 use pullthrough::mirror::route::{self, Route};
 use pullthrough::mirror::{forward, map};
+use pullthrough::oci::reference::Reference;
 use pullthrough::webhook::config::Mode;
 use pullthrough::webhook::mutate::{self, Policy};
-use pullthrough::webhook::reference::Reference;
 use pullthrough::webhook::rewrite::{Rewrite, Rules};
 
 /// The config every check runs against: upstreams with a port, a nested prefix and Docker Hub.
@@ -169,7 +169,7 @@ pub fn reference(data: &[u8]) {
             assert_eq!(t.registry(), rules.ecr.as_str(), "{s:?} → {to:?}");
             assert_eq!(t.tag(), r.tag(), "{s:?} → {to:?}");
             assert_eq!(t.digest(), r.digest(), "{s:?} → {to:?}");
-            let pullthrough::webhook::reference::Domain::Name(registry) = r.domain() else {
+            let pullthrough::oci::reference::Domain::Name(registry) = r.domain() else {
                 panic!("{s:?}: an IP registry was rewritten to {to:?}");
             };
             let upstream = rules

@@ -32,13 +32,14 @@
 //!   `[upstreams]`, `[timeouts]`), and [`config::error`], the leaf every section validates with;
 //! - [`server`]: the accept loop with limits and a drain deadline, for every listener;
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics` for every program, readiness through a hook;
-//! - [`oci`]: registry host names, the name/tag/digest grammar and the OCI error body;
+//! - [`oci`]: registry host names, the name/tag/digest grammar, image references as pod specs
+//!   write them ([`oci::reference`]) and the OCI error body;
 //! - [`body`]: the response body type; [`signal`]: SIGTERM and SIGINT.
 //!
-//! Programs build on the ones below them and never the other way: [`ecr`] uses the webhook's
-//! image references (for `ecr warm`) and the mirror's map, token and HTTP client; [`webhook`]
-//! uses the mirror's map, so a rewritten image names exactly what the node mirror would pull;
-//! [`node`] uses only the shared plumbing. The only arrows from shared plumbing into a program
+//! Programs build on the ones below them and never the other way: [`webhook`] uses [`ecr`]'s
+//! warming (the same code as `ecr warm`) and the mirror's map, so a rewritten image names
+//! exactly what the node mirror would pull; [`ecr`] uses the mirror's map, token and HTTP
+//! client; [`node`] uses only the shared plumbing. The only arrows from shared plumbing into a program
 //! are the config root's: a section read by one program (`[breaker]`, `[webhook]`,
 //! `[ecr_setup]`) and `[server]` live with their code, depend only on [`config::error`], and the
 //! root composes them (the [`config`] module doc says why).

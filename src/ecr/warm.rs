@@ -3,7 +3,7 @@
 //!
 //! Why: ECR fills its cache only from a pull by tag. A workload pinned by digest misses the
 //! cache until something has pulled its tag once; warm is that something. It uses the mirror's
-//! own pieces: [`crate::webhook::reference`] to normalize the image, [`crate::mirror::map`] for the ECR
+//! own pieces: [`crate::oci::reference`] to normalize the image, [`crate::mirror::map`] for the ECR
 //! repository, [`crate::mirror::token`] for the token and [`crate::mirror::forward`] for the HTTP client.
 
 use std::fmt::Write as _;
@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::mirror::forward::{ForwardError, Forwarder};
 use crate::mirror::token::{TokenCache, TokenError};
 use crate::oci::RegistryHost;
-use crate::webhook::reference::Reference;
+use crate::oci::reference::Reference;
 
 /// Manifest media types warm asks for: OCI and Docker, single and multi-platform.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use super::reference::{Reference, ReferenceError};
 use super::rewrite::{Rewrite, Rules, rewrite};
+use crate::oci::reference::{Reference, ReferenceError};
 
 /// One image, normalized and decided.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,6 @@
 pub mod config;
 pub mod explain;
 pub mod mutate;
-pub mod reference;
 pub mod rewrite;
 pub mod tls;
 

@@ -12,9 +12,9 @@
 
 use std::collections::BTreeMap;
 
-use super::reference::{Domain, Reference, ReferenceError};
 use crate::config::upstreams::Upstream;
 use crate::mirror::map::{self, MapError};
+use crate::oci::reference::{Domain, Reference, ReferenceError};
 use crate::oci::{MAX_NAME_LEN, RegistryHost};
 
 /// What to do with references that carry a digest (`name@sha256:…` or `name:tag@sha256:…`).

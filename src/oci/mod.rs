@@ -1,8 +1,11 @@
 //! The OCI distribution grammar and wire forms every program shares: registry host names,
-//! repository names, tags and digests, and the error body a registry answers with.
+//! repository names, tags and digests, the error body a registry answers with, and
+//! [`reference`](mod@reference), image references as pod specs write them.
 //!
-//! Pure and a leaf: the mirror's router, the webhook's image references, the config's upstream
-//! table and the `ecr` commands all check names against the same rules here.
+//! Pure and a leaf: the mirror's router, the webhook, the config's upstream table and the `ecr`
+//! commands all check names against the same rules here.
+
+pub mod reference;
 
 use std::fmt;
 

@@ -1,9 +1,10 @@
 //! Image references: parse a pod's `image` string with the distribution/reference grammar and
 //! normalize it the way containerd and Docker do. Pure, no IO. Whether (and to what) a reference
-//! is rewritten is [`super::rewrite`]'s decision.
+//! is rewritten is the webhook's decision (`webhook::rewrite`); `ecr warm` and the
+//! webhook's cache warming read references with it too.
 //!
 //! ```
-//! use pullthrough::webhook::reference::Reference;
+//! use pullthrough::oci::reference::Reference;
 //! let r = Reference::parse("index.docker.io/nginx").unwrap();
 //! assert_eq!(r.registry(), "docker.io");
 //! assert_eq!(r.repository(), "library/nginx");
