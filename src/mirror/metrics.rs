@@ -30,6 +30,13 @@ pub struct UpstreamLabels {
     pub kind: String,
 }
 
+/// Labels of a count kept per upstream registry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    /// Canonical upstream registry.
+    pub registry: String,
+}
+
 /// Every metric pullthrough exports. Clones share the same counters.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -52,6 +59,9 @@ pub struct Metrics {
     pub manifest_cache_hits: Counter,
     /// Manifest requests that had to go to ECR.
     pub manifest_cache_misses: Counter,
+    /// Manifest requests by digest that ECR did not have: ECR's pull-through cache imports by
+    /// tag only, so these are pulled from the upstream registry instead.
+    pub digest_misses: Family<RegistryLabels, Counter>,
     /// 1 while the circuit breaker towards the ECR endpoint is open ([`super::breaker`]).
     pub breaker_open: Gauge,
     /// Requests answered 503 at once because the breaker was open.
@@ -75,6 +85,7 @@ impl Metrics {
             token_seconds_left: Gauge::default(),
             manifest_cache_hits: Counter::default(),
             manifest_cache_misses: Counter::default(),
+            digest_misses: Family::default(),
             breaker_open: Gauge::default(),
             breaker_fast_failures: Counter::default(),
             breaker_probes: Counter::default(),
@@ -124,6 +135,11 @@ impl Metrics {
             "manifest_cache_misses",
             "Manifest requests sent to the ECR endpoint",
             m.manifest_cache_misses.clone(),
+        );
+        r.register(
+            "digest_misses",
+            "Manifest requests by digest that ECR did not have (its pull-through cache imports by tag only); containerd pulled them from the upstream registry",
+            m.digest_misses.clone(),
         );
         r.register(
             "upstream_breaker_open",

@@ -21,7 +21,7 @@ use super::breaker::Breaker;
 use super::cache::{CachedManifest, ManifestCache};
 use super::forward::{self, ForwardError, Forwarder, IdleTimeout};
 use super::map::{self, Target};
-use super::metrics::{Metrics, UpstreamLabels};
+use super::metrics::{Metrics, RegistryLabels, UpstreamLabels};
 use super::respond::{Missing, ProxyError};
 use super::route::{self, ApiRequest, Kind, ManifestRef, Route};
 use super::token::{Token, TokenCache};
@@ -50,6 +50,8 @@ struct Inner {
     metrics: Metrics,
     /// Fails fast while the endpoint refuses or hangs.
     breaker: Breaker,
+    /// Repositories whose digest miss was logged within the last [`DIGEST_MISS_LOG_EVERY`].
+    digest_miss_logged: moka::future::Cache<String, ()>,
     /// Blob GETs to a plain-HTTP endpoint, spliced.
     #[cfg(target_os = "linux")]
     splicer: super::splice::Client,
@@ -86,6 +88,10 @@ impl Proxy {
                 manifests,
                 metrics,
                 breaker,
+                digest_miss_logged: moka::future::Cache::builder()
+                    .max_capacity(DIGEST_MISS_LOG_REPOSITORIES)
+                    .time_to_live(DIGEST_MISS_LOG_EVERY)
+                    .build(),
                 #[cfg(target_os = "linux")]
                 splicer,
             }),
@@ -389,6 +395,11 @@ impl Proxy {
         let resp = self
             .send_signed(api, Method::GET, target, client_headers)
             .await?;
+        if let Some(d) = wanted
+            && resp.status() == StatusCode::NOT_FOUND
+        {
+            self.digest_miss(api, d.as_str()).await;
+        }
         check_status(resp.status(), Missing::Manifest)?;
         let (parts, body) = resp.into_parts();
         if parts.status != StatusCode::OK {
@@ -474,6 +485,46 @@ impl Proxy {
         })
     }
 }
+
+impl Proxy {
+    /// ECR did not have a manifest asked for by digest. Its pull-through cache imports an image
+    /// only when it is pulled by tag, so containerd now pulls this one from the upstream registry,
+    /// and will every time until something pulls it by tag. Counted, and logged once per
+    /// repository per [`DIGEST_MISS_LOG_EVERY`], so an operator can list what to warm.
+    async fn digest_miss(&self, api: &ApiRequest, digest: &str) {
+        let registry = api.registry.to_string();
+        self.inner
+            .metrics
+            .digest_misses
+            .get_or_create(&RegistryLabels {
+                registry: registry.clone(),
+            })
+            .inc();
+        let key = format!("{registry}/{}", api.name);
+        let first = self
+            .inner
+            .digest_miss_logged
+            .entry(key)
+            .or_insert(())
+            .await
+            .is_fresh();
+        if first {
+            tracing::info!(
+                registry,
+                repository = %api.name,
+                digest,
+                "pinned by digest and not in ECR's pull-through cache (it imports by tag only): \
+                 pulled from the upstream registry; warm it by tag (`pullthrough ecr warm --from-pods`)"
+            );
+        }
+    }
+}
+
+/// How often a repository's digest misses are logged (each is counted).
+pub const DIGEST_MISS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How many repositories the digest-miss log remembers; beyond that, the oldest may log again
+/// within the hour, which only costs a log line.
+const DIGEST_MISS_LOG_REPOSITORIES: u64 = 10_000;
 
 /// Maps an error status from ECR; success and redirect statuses pass.
 fn check_status(status: StatusCode, missing: Missing) -> Result<(), ProxyError> {

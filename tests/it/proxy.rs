@@ -696,6 +696,48 @@ async fn missing_images_are_404_so_containerd_falls_back() {
     assert_eq!(oci_code(&resp), "BLOB_UNKNOWN");
 }
 
+/// A manifest by digest that ECR does not hold is counted per registry and logged once per
+/// repository, since ECR's pull-through cache would never import it by digest.
+#[tokio::test]
+async fn digest_misses_are_counted_and_logged_once_per_repository() {
+    let s = stack().await;
+    let series = "pullthrough_digest_misses_total{registry=\"docker.io\"}";
+    assert_eq!(s.pt.metric(series).await, None);
+    for sha in [
+        "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "sha256:1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ] {
+        let resp = via(
+            &s.pt,
+            &format!("/v2/library/pinned/manifests/{sha}?ns=docker.io"),
+            &[("accept", ACCEPT)],
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(oci_code(&resp), "MANIFEST_UNKNOWN");
+    }
+    // A tag ECR does not have is not a digest miss.
+    let resp = via(
+        &s.pt,
+        "/v2/library/pinned/manifests/1?ns=docker.io",
+        &[("accept", ACCEPT)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.pt.metric(series).await, Some(2.0));
+    let log = s.pt.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not in ECR's pull-through cache"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("library/pinned") && lines[0].contains("sha256:0123"),
+        "{}",
+        lines[0]
+    );
+}
+
 #[tokio::test]
 async fn registry_down_is_502() {
     let moto = Moto::start().await;
