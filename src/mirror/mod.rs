@@ -30,7 +30,7 @@ use crate::server;
 use self::forward::{ForwardError, Forwarder};
 use self::metrics::Metrics;
 use self::proxy::Proxy;
-use self::token::{EcrTokenSource, TokenCache};
+use self::token::{Availability, EcrTokenSource, TOKEN_WAIT, TokenCache};
 
 /// Why `serve` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -119,9 +119,11 @@ pub async fn serve(
 /// that takes longer (the SDK retrying) answers "not ready" now rather than a probe timeout later.
 const READY_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
 
-/// The mirror is ready once it holds an ECR token. Only the token: not the circuit breaker
-/// ([`breaker`] says why), so an ECR outage never makes `pullthrough node` or kubelet take the
-/// mirror out.
+/// The mirror is ready once it holds an ECR token, or while the token API only throttles (then
+/// requests wait for one, [`TOKEN_WAIT`]): a fleet scaling out is throttled for minutes, and
+/// holding back the `hosts.toml` files meanwhile would send its first pulls to the registries
+/// themselves. Only the token: not the circuit breaker ([`breaker`] says why), so an ECR outage
+/// never makes `pullthrough node` or kubelet take the mirror out.
 struct TokenReadiness {
     tokens: TokenCache,
     metrics: Metrics,
@@ -129,9 +131,13 @@ struct TokenReadiness {
 
 impl Readiness for TokenReadiness {
     async fn ready(&self) -> Ready {
-        match tokio::time::timeout(READY_WAIT, self.tokens.get()).await {
-            Ok(Ok(_)) => Ready::yes("ready"),
-            Ok(Err(e)) => Ready::no(format!("not ready: {e}")),
+        match tokio::time::timeout(READY_WAIT, self.tokens.availability()).await {
+            Ok(Availability::Ready) => Ready::yes("ready"),
+            Ok(Availability::Throttled(e)) => Ready::yes(format!(
+                "ready: {e}; requests wait up to {}s for a token",
+                TOKEN_WAIT.as_secs()
+            )),
+            Ok(Availability::Unavailable(e)) => Ready::no(format!("not ready: {e}")),
             Err(_) => Ready::no("not ready: ECR token fetch in progress"),
         }
     }

@@ -24,7 +24,7 @@ use super::map::{self, Target};
 use super::metrics::{Metrics, RegistryLabels, UpstreamLabels};
 use super::respond::{Missing, ProxyError};
 use super::route::{self, ApiRequest, Kind, ManifestRef, Route};
-use super::token::{Token, TokenCache};
+use super::token::{TOKEN_WAIT, Token, TokenCache};
 use crate::body::{ResponseBody, empty, full};
 use crate::config::Config;
 use crate::oci::{API_VERSION, API_VERSION_HEADER};
@@ -200,7 +200,7 @@ impl Proxy {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let token = self.inner.tokens.get().await?;
+            let token = self.inner.tokens.get_within(TOKEN_WAIT).await?;
             let base = self.base(&token)?;
             let uri = forward::upstream_uri(&base, &target.path_and_query)
                 .ok_or_else(|| ProxyError::Internal("cannot build upstream URI".into()))?;

@@ -47,6 +47,8 @@ pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The shortest wait before another call after throttling.
+const MIN_THROTTLED_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest one `GetAuthorizationToken` may take, the SDK's own retries included. The SDK sets
 /// only a connect timeout by default, so a token API (or IMDS, or STS) that accepts and never
 /// answers would otherwise hold every request without a token, and the one background refresh,
@@ -59,9 +61,14 @@ pub const REFUSAL_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Why no token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
-    /// The API call failed (credentials, network, throttling after the SDK's own retries).
+    /// The API call failed (credentials, network, the service).
     #[error("GetAuthorizationToken failed: {0}")]
     Api(String),
+    /// The account's `GetAuthorizationToken` rate was exceeded, after the SDK's own retries. Every
+    /// node of every cluster in the account and region shares that rate, so this is what a fleet
+    /// scaling out meets; unlike a missing permission, it passes.
+    #[error("GetAuthorizationToken was throttled: {0}")]
+    Throttled(String),
     /// The API answered without a usable token.
     #[error("GetAuthorizationToken returned no usable authorization data")]
     Empty,
@@ -142,7 +149,13 @@ impl TokenSource for EcrTokenSource {
                 .send()
                 .await
                 .map_err(|e| {
-                    TokenError::Api(aws_sdk_ecr::error::DisplayErrorContext(&e).to_string())
+                    use aws_sdk_ecr::error::ProvideErrorMetadata as _;
+                    let why = aws_sdk_ecr::error::DisplayErrorContext(&e).to_string();
+                    if e.code().is_some_and(is_throttling) {
+                        TokenError::Throttled(why)
+                    } else {
+                        TokenError::Api(why)
+                    }
                 })?;
             let data = out.authorization_data().first().ok_or(TokenError::Empty)?;
             let token = data
@@ -157,6 +170,60 @@ impl TokenSource for EcrTokenSource {
                 proxy_endpoint: data.proxy_endpoint().map(str::to_owned),
             })
         })
+    }
+}
+
+/// Whether an AWS error code means "slow down" (the codes the AWS SDKs' standard retry mode
+/// treats as throttling).
+pub fn is_throttling(code: &str) -> bool {
+    matches!(
+        code,
+        "Throttling"
+            | "ThrottlingException"
+            | "ThrottledException"
+            | "RequestThrottledException"
+            | "TooManyRequestsException"
+            | "ProvisionedThroughputExceededException"
+            | "TransactionInProgressException"
+            | "RequestLimitExceeded"
+            | "BandwidthLimitExceeded"
+            | "LimitExceededException"
+            | "RequestThrottled"
+            | "SlowDown"
+            | "PriorRequestNotComplete"
+            | "EC2ThrottledException"
+    )
+}
+
+impl TokenError {
+    /// A throttling error with this description.
+    pub fn throttled(why: impl Into<String>) -> Self {
+        TokenError::Throttled(why.into())
+    }
+}
+
+/// How long a request waits for a token while the token API throttles, before it is answered
+/// 503 and containerd pulls from the registry itself. containerd puts no deadline on a mirror's
+/// answer, and a pull that waits here fills the cache instead of spending the registry's rate
+/// limit during exactly the scale-out that throttles the token API (the fleet simulation in
+/// `examples/fleet.rs`, BENCHMARKS.md).
+pub const TOKEN_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether the mirror can serve requests now, as far as its token goes.
+#[derive(Debug, Clone)]
+pub enum Availability {
+    /// A token is there.
+    Ready,
+    /// The token API throttles: requests wait for a token ([`TOKEN_WAIT`]).
+    Throttled(TokenError),
+    /// No token, and waiting would not bring one soon.
+    Unavailable(TokenError),
+}
+
+impl Availability {
+    /// Whether requests are served (at once, or after waiting out the throttling).
+    pub fn serves_requests(&self) -> bool {
+        !matches!(self, Availability::Unavailable(_))
     }
 }
 
@@ -204,6 +271,8 @@ struct Backoff {
     failures: u32,
     retry_at: Option<Instant>,
     last: String,
+    /// Whether the last failure was the API's throttling.
+    throttled: bool,
 }
 
 /// The token cache. Cheap to clone.
@@ -219,6 +288,8 @@ struct Inner {
     refreshing: AtomicBool,
     last_refusal_refetch: Mutex<Option<Instant>>,
     metrics: Metrics,
+    /// Woken whenever a fetch ends, for requests waiting out throttling.
+    fetched: tokio::sync::Notify,
 }
 
 impl fmt::Debug for TokenCache {
@@ -228,6 +299,52 @@ impl fmt::Debug for TokenCache {
 }
 
 impl TokenCache {
+    /// A usable token, like [`get`](Self::get), but while the token API only throttles (the
+    /// account's shared rate is exhausted, which passes), wait for one for at most `wait`,
+    /// retrying with the backoff's full jitter. Any other failure (a missing permission, an
+    /// unreachable API) answers at once, as [`get`](Self::get) does: waiting would only delay
+    /// containerd's fallback to the registry itself.
+    pub async fn get_within(&self, wait: Duration) -> Result<Arc<Token>, TokenError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            // Registered before asking, so a fetch that ends in between still wakes this caller.
+            let fetched = self.inner.fetched.notified();
+            tokio::pin!(fetched);
+            fetched.as_mut().enable();
+            let err = match self.get().await {
+                Ok(t) => return Ok(t),
+                Err(e) => e,
+            };
+            let now = Instant::now();
+            if !self.throttled() || now >= deadline {
+                return Err(err);
+            }
+            // While the backoff runs, the next fetch starts when it ends (the next `get` starts
+            // it); once it has ended, `get` has started one, and its end wakes this caller.
+            let wake = match self.retry_at() {
+                Some(at) if at > now => at.min(deadline),
+                _ => deadline,
+            };
+            tokio::select! {
+                () = &mut fetched => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Whether requests can be served now or soon: a token is cached (or fetched within this
+    /// call), or the token API throttles, which requests wait out ([`get_within`]). The mirror's
+    /// `/readyz` answers with it.
+    ///
+    /// [`get_within`]: Self::get_within
+    pub async fn availability(&self) -> Availability {
+        match self.get().await {
+            Ok(_) => Availability::Ready,
+            Err(e) if self.throttled() => Availability::Throttled(e),
+            Err(e) => Availability::Unavailable(e),
+        }
+    }
+
     /// A cache in front of `source`.
     pub fn new(source: Arc<dyn TokenSource>, metrics: Metrics) -> Self {
         Self {
@@ -238,6 +355,7 @@ impl TokenCache {
                 refreshing: AtomicBool::new(false),
                 last_refusal_refetch: Mutex::new(None),
                 metrics,
+                fetched: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -274,9 +392,12 @@ impl TokenCache {
             .cache
             .try_get_with((), async move { inner.fetch().await })
             .await
-            .map_err(|e: Arc<TokenError>| (*e).clone())?;
-        self.inner.succeeded();
-        Ok(token)
+            .map_err(|e: Arc<TokenError>| (*e).clone());
+        if token.is_ok() {
+            self.inner.succeeded();
+        }
+        self.inner.fetched.notify_waiters();
+        token
     }
 
     /// The registry refused `stale` (a 401). Returns whether retrying with another token makes
@@ -342,6 +463,19 @@ impl TokenCache {
         (b.failures > 0).then(|| b.last.clone())
     }
 
+    /// Whether the last fetch failed because the API throttled (and none succeeded since).
+    fn throttled(&self) -> bool {
+        self.inner
+            .backoff
+            .lock()
+            .is_ok_and(|b| b.failures > 0 && b.throttled)
+    }
+
+    /// When the backoff lets the next fetch start, if a fetch failed.
+    fn retry_at(&self) -> Option<Instant> {
+        self.inner.backoff.lock().ok()?.retry_at
+    }
+
     fn spawn_refresh(&self) {
         // After a failed refresh, wait out the backoff: the old token is still good, and a
         // request-rate stream of API calls during an outage is what the backoff is for.
@@ -358,6 +492,7 @@ impl TokenCache {
                 inner.succeeded();
             }
             inner.refreshing.store(false, Ordering::Release);
+            inner.fetched.notify_waiters();
         });
     }
 }
@@ -392,9 +527,19 @@ impl Inner {
             return Duration::ZERO;
         };
         b.failures = b.failures.saturating_add(1);
-        let exp = BACKOFF_BASE.saturating_mul(1u32 << (b.failures - 1).min(5));
-        // Full jitter between half and all of the exponential step, so nodes spread out.
-        let delay = exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64() / 2.0);
+        b.throttled = matches!(e, TokenError::Throttled(_));
+        let step = BACKOFF_BASE
+            .saturating_mul(1u32 << (b.failures - 1).min(5))
+            .min(BACKOFF_MAX);
+        let delay = if b.throttled {
+            // Throttling means every node of the account is asking at once: full jitter over
+            // the whole step spreads their next calls the most (the AWS retry guidance), so the
+            // shared rate serves the fleet as fast as it can.
+            step.mul_f64(fastrand::f64()).max(MIN_THROTTLED_BACKOFF)
+        } else {
+            // Jitter between half and all of the exponential step, so nodes spread out.
+            step.mul_f64(0.5 + fastrand::f64() / 2.0)
+        };
         b.retry_at = Some(Instant::now() + delay);
         b.last = e.to_string();
         delay
@@ -441,6 +586,8 @@ mod tests {
     struct Fake {
         calls: AtomicUsize,
         fail: AtomicBool,
+        /// How many of the next calls are throttled.
+        throttle: AtomicUsize,
         ttl: Option<Duration>,
         delay: Duration,
     }
@@ -450,6 +597,7 @@ mod tests {
             Arc::new(Fake {
                 calls: AtomicUsize::new(0),
                 fail: AtomicBool::new(false),
+                throttle: AtomicUsize::new(0),
                 ttl,
                 delay: Duration::from_millis(50),
             })
@@ -467,6 +615,13 @@ mod tests {
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(TokenError::Api("boom".into()));
                 }
+                if self
+                    .throttle
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(TokenError::throttled("ThrottlingException: Rate exceeded"));
+                }
                 Ok(FetchedToken {
                     authorization_token: Secret::new(format!("QVdTOnRva2VuLXtu}}{n}")),
                     expires_at: self.ttl.map(|d| SystemTime::now() + d),
@@ -480,6 +635,61 @@ mod tests {
 
     fn cache(fake: &Arc<Fake>) -> TokenCache {
         TokenCache::new(fake.clone(), Metrics::new().0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_out_throttling_for_its_token() {
+        let fake = Fake::new(Some(Duration::from_secs(12 * 3600)));
+        fake.throttle.store(3, Ordering::SeqCst);
+        let cache = cache(&fake);
+        let started = Instant::now();
+        let token = cache.get_within(TOKEN_WAIT).await;
+        assert!(token.is_ok(), "{token:?}");
+        assert_eq!(fake.calls(), 4, "three throttled calls, then the token");
+        assert!(started.elapsed() < TOKEN_WAIT);
+        assert!(matches!(cache.availability().await, Availability::Ready));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_gives_up_on_throttling_after_its_wait() {
+        let fake = Fake::new(Some(Duration::from_secs(12 * 3600)));
+        fake.throttle.store(usize::MAX, Ordering::SeqCst);
+        let cache = cache(&fake);
+        let started = Instant::now();
+        let err = cache.get_within(Duration::from_secs(20)).await.unwrap_err();
+        assert!(started.elapsed() >= Duration::from_secs(20), "{err}");
+        assert!(err.to_string().contains("throttled"), "{err}");
+        // Retried meanwhile, with the backoff between calls: more than one, far from a spin.
+        let calls = fake.calls();
+        assert!((2..=12).contains(&calls), "{calls} calls");
+        // Ready all the same: requests wait, and containerd gets the files.
+        let a = cache.availability().await;
+        assert!(matches!(a, Availability::Throttled(_)), "{a:?}");
+        assert!(a.serves_requests());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_failures_are_not_waited_for() {
+        let fake = Fake::new(Some(Duration::from_secs(12 * 3600)));
+        fake.fail.store(true, Ordering::SeqCst);
+        let cache = cache(&fake);
+        let started = Instant::now();
+        let err = cache.get_within(TOKEN_WAIT).await.unwrap_err();
+        assert!(matches!(err, TokenError::Api(_)), "{err:?}");
+        assert_eq!(fake.calls(), 1);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let a = cache.availability().await;
+        assert!(!a.serves_requests(), "{a:?}");
+    }
+
+    #[rstest::rstest]
+    #[case::ecr("ThrottlingException", true)]
+    #[case::generic("TooManyRequestsException", true)]
+    #[case::ec2("RequestLimitExceeded", true)]
+    #[case::denied("AccessDeniedException", false)]
+    #[case::server("ServerException", false)]
+    fn throttling_codes(#[case] code: &str, #[case] want: bool) {
+        assert_eq!(is_throttling(code), want);
     }
 
     #[tokio::test(start_paused = true)]
@@ -605,6 +815,7 @@ mod tests {
         let fake = Arc::new(Fake {
             calls: AtomicUsize::new(0),
             fail: AtomicBool::new(true),
+            throttle: AtomicUsize::new(0),
             ttl: Some(Duration::from_secs(3600)),
             delay: FETCH_TIMEOUT / 2,
         });
@@ -632,6 +843,7 @@ mod tests {
         let fake = Arc::new(Fake {
             calls: AtomicUsize::new(0),
             fail: AtomicBool::new(false),
+            throttle: AtomicUsize::new(0),
             ttl: Some(Duration::from_secs(3600)),
             delay: Duration::from_secs(24 * 3600),
         });
