@@ -53,22 +53,45 @@ impl Version {
         Version { major, minor }
     }
 
-    /// The first `[v]MAJOR.MINOR[.PATCH…]` word of `text`: a bare `2.1.9`, or what `containerd
-    /// --version` prints (`containerd github.com/containerd/containerd/v2 v2.1.4 75cb…`, Debian's
-    /// `… 1.7.24~ds1 1.7.24~ds1-6+deb13u1`), which is also what EKS AL2023 keeps in
-    /// `/etc/eks/containerd-version.txt`. nodeadm reads that file the same way (the first
-    /// `N.N.N` in it).
+    /// The version in `text`: a bare `2.1` or `2.1.9`, or what `containerd --version` prints
+    /// (`containerd github.com/containerd/containerd/v2 v2.1.4 75cb…`, Debian's `… 1.7.24~ds1
+    /// 1.7.24~ds1-6+deb13u1`), which is what EKS AL2023 keeps in
+    /// `/etc/eks/containerd-version.txt`. As nodeadm reads that file: the first `N.N.N` anywhere
+    /// in it; failing that, the first `N.N`.
     pub fn parse(text: &str) -> Option<Version> {
-        text.split_whitespace().find_map(|word| {
-            let w = word.strip_prefix('v').unwrap_or(word);
-            let end = w
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(w.len());
-            let mut parts = w[..end].split('.');
-            let major: u32 = parts.next()?.parse().ok()?;
-            let minor: u32 = parts.next()?.parse().ok()?;
-            (major >= 1).then_some(Version { major, minor })
-        })
+        let b = text.as_bytes();
+        let number = |i: usize| -> Option<(u32, usize)> {
+            let end = b[i..]
+                .iter()
+                .position(|c| !c.is_ascii_digit())
+                .map_or(b.len(), |n| i + n);
+            Some((text.get(i..end)?.parse().ok()?, end))
+        };
+        // Each run of digits that starts a number (not preceded by a digit or a `.`).
+        let starts = (0..b.len()).filter(|&i| {
+            b[i].is_ascii_digit() && (i == 0 || !(b[i - 1].is_ascii_digit() || b[i - 1] == b'.'))
+        });
+        let mut two_parts = None;
+        for i in starts {
+            let Some((major, end)) = number(i) else {
+                continue;
+            };
+            if b.get(end) != Some(&b'.') || !b.get(end + 1).is_some_and(u8::is_ascii_digit) {
+                continue;
+            }
+            let Some((minor, end)) = number(end + 1) else {
+                continue;
+            };
+            if major == 0 {
+                continue;
+            }
+            let v = Version { major, minor };
+            if b.get(end) == Some(&b'.') && b.get(end + 1).is_some_and(u8::is_ascii_digit) {
+                return Some(v);
+            }
+            two_parts.get_or_insert(v);
+        }
+        two_parts
     }
 
     /// 2.1 and later pull with the transfer service unless the config forces the local pull.
@@ -843,6 +866,8 @@ mod tests {
         Some(Version::new(1, 7))
     )]
     #[case::bare("2.2", Some(Version::new(2, 2)))]
+    #[case::package_name("containerd-2.1.4-1.amzn2023.0.1.x86_64", Some(Version::new(2, 1)))]
+    #[case::patch_wins_over_a_short_one("go1.23 containerd 1.7.27", Some(Version::new(1, 7)))]
     #[case::bare_patch("v1.7.24", Some(Version::new(1, 7)))]
     #[case::major_only("2", None)]
     #[case::zero("0.9", None)]
