@@ -4,7 +4,8 @@
 //! 1. waits until the mirror's `/readyz` answers 200, so containerd is never pointed at a mirror
 //!    that cannot serve yet;
 //! 2. checks that containerd reads `certs.d` at all ([`containerd_config`]), and reports
-//!    not-ready, with a log line and a metric, when it does not;
+//!    not-ready, with a log line and a metric, when it does not (`not_used`) or when containerd
+//!    2.1+ would skip every `hosts.toml` (`bypassed`);
 //! 3. installs the `hosts.toml` files ([`install::install`]) and keeps them right, re-checking
 //!    every `resync`;
 //! 4. on SIGTERM exits and leaves the files in place. A restarting or updating pod must not flap
