@@ -82,6 +82,12 @@ enum Command {
         /// containerd's config file, as a host path.
         #[arg(long, default_value = "/etc/containerd/config.toml")]
         containerd_config: String,
+        /// containerd's version on this node (`2.1`, or what `containerd --version` prints), for
+        /// the config_path check: a `version = 2` config reads differently on 1.x and 2.x, and
+        /// 2.1 differs from 2.0. Without it the agent reads /etc/eks/containerd-version.txt
+        /// under --host-root (EKS AL2023), else assumes 2.1 or later where it matters.
+        #[arg(long, env = "PULLTHROUGH_CONTAINERD_VERSION", value_parser = parse_containerd_version)]
+        containerd_version: Option<pullthrough::node::containerd_config::Version>,
         /// The agent's own /healthz, /readyz and /metrics. Loopback unless asked: the DaemonSet
         /// passes `0.0.0.0:5052` for kubelet probes on the node IP.
         #[arg(long, default_value = "127.0.0.1:5052")]
@@ -169,6 +175,7 @@ fn main() -> ExitCode {
             host_root,
             certs_dir,
             containerd_config,
+            containerd_version,
             listen,
             resync,
             remove,
@@ -180,6 +187,7 @@ fn main() -> ExitCode {
                 host_root,
                 certs_dir,
                 containerd_config,
+                containerd_version,
                 resync,
                 remove,
             },
@@ -197,6 +205,13 @@ fn main() -> ExitCode {
         Command::Rewrite { output, images, .. } => run_rewrite(&config, output, &images),
     };
     exit(result)
+}
+
+fn parse_containerd_version(
+    s: &str,
+) -> Result<pullthrough::node::containerd_config::Version, String> {
+    pullthrough::node::containerd_config::Version::parse(s)
+        .ok_or_else(|| format!("{s:?} names no containerd version (expected e.g. 2.1 or 1.7.24)"))
 }
 
 fn exit(result: anyhow::Result<bool>) -> ExitCode {
@@ -242,11 +257,22 @@ fn init_tracing(format: LogFormat) {
         !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("aws_"))
     });
     let registry = tracing_subscriber::registry().with(env).with(no_secrets);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ));
     match format {
         LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
         LogFormat::Text => registry.with(fmt).init(),
     }
+}
+
+/// Colour codes only on a terminal: in a file, a pipe or a container log they are noise that
+/// breaks grep. And never with `NO_COLOR` set to anything but the empty string (no-color.org).
+fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 fn run_serve(config: Config) -> anyhow::Result<bool> {
@@ -423,4 +449,25 @@ fn runtime(threads: Threads) -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+    use std::ffi::OsStr;
+
+    #[rstest::rstest]
+    #[case::terminal(true, None, true)]
+    #[case::file_or_pipe(false, None, false)]
+    #[case::no_color(true, Some("1"), false)]
+    #[case::no_color_any_value(true, Some("false"), false)]
+    #[case::no_color_empty_is_unset(true, Some(""), true)]
+    #[case::no_color_and_a_pipe(false, Some("1"), false)]
+    fn colour_only_on_a_terminal_without_no_color(
+        #[case] terminal: bool,
+        #[case] no_color: Option<&str>,
+        #[case] want: bool,
+    ) {
+        assert_eq!(colour(terminal, no_color.map(OsStr::new)), want);
+    }
 }

@@ -136,6 +136,16 @@ pub fn route(
         }
         None => match path_prefix_registry(name_segments, upstreams) {
             Some(reg) => (reg, &name_segments[1..]),
+            // `/v2/gcr.io/distroless/static/...` names a registry, just not a configured one.
+            // Every client splits a reference the same way (distribution's
+            // `splitDockerDomain`): a first component with a `.` or a `:`, or `localhost`, is a
+            // registry host, never a repository's namespace. So it is refused here, naming that
+            // registry, rather than sent to `default_upstream` as
+            // `docker-hub/gcr.io/distroless/static`, a repository that cannot exist. (Docker's
+            // rule also counts upper case; such a name stays NAME_INVALID, as it always was.)
+            None if name_segments.len() >= 2 && names_a_registry(name_segments[0]) => {
+                return Err(RouteError::UnknownRegistry(truncate(name_segments[0])));
+            }
             None => match default_upstream {
                 Some(reg) => (reg.clone(), name_segments),
                 None => {
@@ -182,6 +192,11 @@ fn path_prefix_registry(
         return None;
     }
     RegistryHost::parse(segments[0]).filter(|r| upstreams.contains_key(r))
+}
+
+/// Docker's rule for the domain part of a reference, less its upper-case clause.
+fn names_a_registry(first: &str) -> bool {
+    first.contains(['.', ':']) || first == "localhost"
 }
 
 /// A manifest reference is a digest if it has a `:`, else a tag.
@@ -390,6 +405,12 @@ mod tests {
         Err(RouteError::UnknownRegistry("docker.io/x".into())))]
     #[case::no_registry("GET", "/v2/a/manifests/1", None, Err(RouteError::UnknownRegistry(
         "(none: no ?ns=, no registry path prefix, no default_upstream)".into())))]
+    #[case::unconfigured_path_prefix("GET", "/v2/gcr.io/distroless/static/manifests/latest", None,
+        Err(RouteError::UnknownRegistry("gcr.io".into())))]
+    #[case::unconfigured_path_prefix_with_port("GET", "/v2/localhost:5001/app/manifests/1", None,
+        Err(RouteError::UnknownRegistry("localhost:5001".into())))]
+    #[case::unconfigured_path_prefix_localhost("GET", "/v2/localhost/app/manifests/1", None,
+        Err(RouteError::UnknownRegistry("localhost".into())))]
     #[case::dotdot("GET", "/v2/library/../secret/manifests/1", Some("ns=docker.io"),
         Err(RouteError::NameInvalid("library/../secret".into())))]
     #[case::encoded_slash("GET", "/v2/library%2Falpine/manifests/1", Some("ns=docker.io"),
@@ -429,18 +450,69 @@ mod tests {
         assert_eq!(route(&method, path, query, &upstreams(), None), want);
     }
 
-    #[test]
-    fn default_upstream_is_used_without_ns() {
-        let ups = upstreams();
+    /// With `default_upstream = "docker.io"`: what a client that sends no registry gets.
+    #[rstest]
+    #[case::official_image(
+        "/v2/alpine/manifests/1",
+        None,
+        api("docker.io", "alpine", tag("1"), "")
+    )]
+    #[case::user_image(
+        "/v2/someorg/app/manifests/1",
+        None,
+        api("docker.io", "someorg/app", tag("1"), "")
+    )]
+    #[case::configured_path_prefix(
+        "/v2/quay.io/a/b/manifests/1",
+        None,
+        api("quay.io", "a/b", tag("1"), "")
+    )]
+    #[case::ns_still_wins(
+        "/v2/gcr.io/x/manifests/1",
+        Some("ns=quay.io"),
+        api("quay.io", "gcr.io/x", tag("1"), "")
+    )]
+    // A repository named like a registry is a single component: Docker's rule needs a `/` after it.
+    #[case::registry_like_single_name(
+        "/v2/gcr.io/manifests/1",
+        None,
+        api("docker.io", "gcr.io", tag("1"), "")
+    )]
+    // Never `docker-hub/gcr.io/distroless/static`: a 404 naming the registry.
+    #[case::unconfigured_registry("/v2/gcr.io/distroless/static/manifests/latest", None,
+        Err(RouteError::UnknownRegistry("gcr.io".into())))]
+    #[case::unconfigured_registry_with_port("/v2/registry.example:5000/app/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", None,
+        Err(RouteError::UnknownRegistry("registry.example:5000".into())))]
+    #[case::unconfigured_localhost("/v2/localhost/app/manifests/1", None,
+        Err(RouteError::UnknownRegistry("localhost".into())))]
+    #[case::upper_case_stays_invalid("/v2/Library/alpine/manifests/1", None,
+        Err(RouteError::NameInvalid("Library/alpine".into())))]
+    fn default_upstream_is_used_without_ns(
+        #[case] path: &str,
+        #[case] query: Option<&str>,
+        #[case] want: Result<Route, RouteError>,
+    ) {
         let hub = RegistryHost::parse("docker.io").unwrap();
-        let got = route(
-            &Method::GET,
-            "/v2/alpine/manifests/1",
-            None,
-            &ups,
-            Some(&hub),
+        assert_eq!(
+            route(&Method::GET, path, query, &upstreams(), Some(&hub)),
+            want
         );
-        assert_eq!(got, api("docker.io", "alpine", tag("1"), ""));
+    }
+
+    #[test]
+    fn the_unconfigured_registry_is_named_in_the_message() {
+        let err = route(
+            &Method::GET,
+            "/v2/gcr.io/distroless/static/manifests/latest",
+            None,
+            &upstreams(),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "registry \"gcr.io\" is not configured on this mirror"
+        );
     }
 
     #[test]

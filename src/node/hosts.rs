@@ -298,11 +298,15 @@ pub fn plan(found: Found<'_>, server: &str, mirror: &str) -> Action {
 /// routes the same way.
 pub fn render_registries_conf(config: &Config) -> String {
     let mirror = mirror_authority(config.listen);
-    let mut out = format!(
-        "{MARKER}\n\
-         # containers-registries.conf(5) drop-in for CRI-O, podman, skopeo and buildah:\n\
-         # /etc/containers/registries.conf.d/50-pullthrough.conf\n\
-         # Each registry is tried through the mirror first, then at `location`.\n"
+    // Not the hosts.toml MARKER: nothing installs, updates or removes this file, so it must not
+    // promise that changes are overwritten. It says where it goes and how to make it again.
+    let mut out = String::from(
+        "# pullthrough's routing for CRI-O, podman, skopeo and buildah: a\n\
+         # containers-registries.conf(5) drop-in. Nothing installs or updates it: put it in place\n\
+         # by hand, e.g. as /etc/containers/registries.conf.d/50-pullthrough.conf, and regenerate\n\
+         # it with `pullthrough hosts --config <config> --format registries-conf` when the\n\
+         # upstreams change.\n\
+         # Each registry is tried through the mirror first, then at `location`.\n",
     );
     for (reg, up) in &config.upstreams {
         let (location, insecure) = match up.server.split_once("://") {
@@ -543,6 +547,11 @@ pub(crate) mod tests {
         );
         let want = std::fs::read_to_string(&path).unwrap();
         assert_eq!(got, want, "{path}");
+        // Neither is a file pullthrough manages, so neither says it overwrites changes.
+        assert!(
+            !got.contains(MARKER) && !got.contains("overwritten"),
+            "{got}"
+        );
         // Both are TOML.
         let _: toml::Table = toml::from_str(&got).unwrap();
     }

@@ -4,7 +4,8 @@
 //! 1. waits until the mirror's `/readyz` answers 200, so containerd is never pointed at a mirror
 //!    that cannot serve yet;
 //! 2. checks that containerd reads `certs.d` at all ([`containerd_config`]), and reports
-//!    not-ready, with a log line and a metric, when it does not;
+//!    not-ready, with a log line and a metric, when it does not (`not_used`) or when containerd
+//!    2.1+ would skip every `hosts.toml` (`bypassed`);
 //! 3. installs the `hosts.toml` files ([`install::install`]) and keeps them right, re-checking
 //!    every `resync`;
 //! 4. on SIGTERM exits and leaves the files in place. A restarting or updating pod must not flap
@@ -39,7 +40,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use self::containerd_config::ConfigPath;
+use self::containerd_config::{ConfigPath, Source, Version};
 use self::hosts::Change;
 use crate::config::Config;
 use crate::ops::{Ops, Readiness, Ready};
@@ -47,6 +48,15 @@ use crate::server;
 
 /// How often to ask the mirror whether it is ready, before the first install.
 const READY_POLL: Duration = Duration::from_secs(1);
+
+/// Where EKS AL2023 keeps the output of `containerd --version` (a host path). nodeadm reads it to
+/// pick the containerd config template; the agent reads it because a `version = 2` config cannot
+/// tell containerd 1.x from 2.x, and the host's `containerd` binary cannot be run from the pod.
+pub const EKS_CONTAINERD_VERSION_FILE: &str = "/etc/eks/containerd-version.txt";
+
+/// How many config files (the main one and its imports, transitively) the agent reads at most:
+/// containerd follows imports of imports, and a loop or a glob gone wild must not stall it.
+const MAX_CONFIG_FILES: usize = 64;
 
 /// What the agent works on. Paths are host paths; `host_root` is where the host's `/` is
 /// mounted in the container (`/` when run on the host itself).
@@ -58,6 +68,9 @@ pub struct NodeOptions {
     pub certs_dir: String,
     /// containerd's config file, as a host path.
     pub containerd_config: String,
+    /// containerd's version, when the operator knows it. Otherwise the agent reads
+    /// [`EKS_CONTAINERD_VERSION_FILE`] under the host root, or checks without one.
+    pub containerd_version: Option<Version>,
     /// How often to re-check and re-install.
     pub resync: Duration,
     /// Uninstall instead of install.
@@ -97,7 +110,8 @@ impl NodeMetrics {
         let m = Self::default();
         registry.register(
             "pullthrough_node_containerd_config_path",
-            "1 for the verdict on whether containerd reads certs.d: used, not_used or unknown",
+            "1 for the verdict on whether containerd reads certs.d: used, not_used, bypassed \
+             (containerd 2.1+ skips every hosts.toml) or unknown",
             m.config_path.clone(),
         );
         registry.register(
@@ -199,8 +213,9 @@ async fn work(
     wait_for_mirror(config, status).await;
     let mut last_verdict: Option<String> = None;
     loop {
-        let verdict = check_containerd(opts);
-        for label in ["used", "not_used", "unknown"] {
+        let (version, version_from) = containerd_version(opts);
+        let verdict = check_containerd(opts, version);
+        for label in ConfigPath::LABELS {
             metrics
                 .config_path
                 .get_or_create(&StateLabel {
@@ -208,19 +223,28 @@ async fn work(
                 })
                 .set(i64::from(label == verdict.label()));
         }
-        let verdict_text = format!("{verdict:?}");
-        let changed = last_verdict.as_deref() != Some(verdict_text.as_str());
-        match &verdict {
-            ConfigPath::NotUsed { reason } if changed => {
-                tracing::error!(%reason, "containerd does not read certs.d on this node: pulls will not go through pullthrough");
+        // Logged once per change: the agent re-checks every resync.
+        let verdict_text = format!("{verdict:?} {version_from}");
+        if last_verdict.as_deref() != Some(verdict_text.as_str()) {
+            let reason = verdict.message();
+            match &verdict {
+                ConfigPath::NotUsed { .. } => tracing::error!(
+                    %reason, containerd_version = %version_from,
+                    "containerd does not read certs.d on this node: pulls will not go through pullthrough"
+                ),
+                ConfigPath::Bypassed { .. } => tracing::error!(
+                    %reason, containerd_version = %version_from,
+                    "containerd on this node skips every hosts.toml: pulls go to the registries themselves, not through pullthrough"
+                ),
+                ConfigPath::Unknown { .. } => tracing::warn!(
+                    %reason, containerd_version = %version_from,
+                    "cannot tell whether containerd reads certs.d"
+                ),
+                ConfigPath::Used { config_path, .. } => tracing::info!(
+                    %config_path, detail = %reason, containerd_version = %version_from,
+                    "containerd reads certs.d"
+                ),
             }
-            ConfigPath::Unknown { reason } if changed => {
-                tracing::warn!(%reason, "cannot tell whether containerd reads certs.d");
-            }
-            ConfigPath::Used { config_path } if changed => {
-                tracing::info!(%config_path, "containerd reads certs.d");
-            }
-            _ => {}
         }
         last_verdict = Some(verdict_text);
         match install::install(config, &certs) {
@@ -258,9 +282,14 @@ async fn work(
                     })
                     .set(skipped);
                 metrics.installed.set(1);
+                // Not ready while containerd ignores the files: the files stay installed
+                // (harmless, and right as soon as containerd is configured), but the pod's
+                // readiness is what an operator and the chart's alert see.
                 match &verdict {
-                    ConfigPath::NotUsed { reason } => status.set(false, reason.clone()),
-                    _ => status.set(
+                    ConfigPath::NotUsed { reason } | ConfigPath::Bypassed { reason } => {
+                        status.set(false, reason.clone())
+                    }
+                    ConfigPath::Used { .. } | ConfigPath::Unknown { .. } => status.set(
                         true,
                         format!("{managed} hosts.toml files installed, {skipped} skipped"),
                     ),
@@ -311,46 +340,94 @@ async fn wait_for_mirror(config: &Config, status: &Status) {
     }
 }
 
-fn check_containerd(opts: &NodeOptions) -> ConfigPath {
-    let path = opts.on_host(&opts.containerd_config);
-    let main = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) => {
-            return ConfigPath::Unknown {
-                reason: format!("cannot read {}: {e}", path.display()),
-            };
-        }
-    };
-    let imports: Vec<String> = containerd_config::imports(&main)
-        .iter()
-        .flat_map(|pattern| expand(opts, pattern))
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .collect();
-    containerd_config::check(&main, &imports, &opts.certs_dir)
+/// containerd's version and where it came from (for the log): the operator's
+/// `--containerd-version`, else EKS AL2023's version file on the host, else unknown.
+fn containerd_version(opts: &NodeOptions) -> (Option<Version>, String) {
+    if let Some(v) = opts.containerd_version {
+        return (Some(v), format!("{v} (--containerd-version)"));
+    }
+    let path = opts.on_host(EKS_CONTAINERD_VERSION_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match Version::parse(&text) {
+            Some(v) => (Some(v), format!("{v} ({EKS_CONTAINERD_VERSION_FILE})")),
+            None => (
+                None,
+                format!("unknown ({EKS_CONTAINERD_VERSION_FILE} names no version)"),
+            ),
+        },
+        Err(_) => (None, "unknown".into()),
+    }
 }
 
-/// Expands an import path, with at most one `*` in its file name (containerd uses Go's glob;
-/// this covers the `config.d/*.toml` form every distribution writes). Sorted, as Go's is.
-fn expand(opts: &NodeOptions, pattern: &str) -> Vec<PathBuf> {
-    let path = opts.on_host(pattern);
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+fn check_containerd(opts: &NodeOptions, version: Option<Version>) -> ConfigPath {
+    match read_containerd_config(opts) {
+        Ok(files) => containerd_config::check(&files, &opts.certs_dir, version),
+        Err(reason) => ConfigPath::Unknown { reason },
+    }
+}
+
+/// containerd's config file and its imports, transitively, in the order containerd loads them:
+/// breadth first, each file once, a relative import resolved against its file's directory.
+/// An import that cannot be read is left out: containerd itself would not start with it.
+fn read_containerd_config(opts: &NodeOptions) -> Result<Vec<Source>, String> {
+    let main = opts.on_host(&opts.containerd_config);
+    let text = std::fs::read_to_string(&main)
+        .map_err(|e| format!("cannot read {}: {e}", main.display()))?;
+    let mut files = vec![Source {
+        path: opts.containerd_config.clone(),
+        text,
+    }];
+    let mut seen =
+        std::collections::HashSet::from([containerd_config::clean(&opts.containerd_config)]);
+    let mut next = 0;
+    while next < files.len() && files.len() < MAX_CONFIG_FILES {
+        let parent = files[next].path.clone();
+        let patterns = containerd_config::imports(&files[next].text);
+        next += 1;
+        for pattern in patterns {
+            let pattern = if pattern.starts_with('/') {
+                pattern
+            } else {
+                let dir = parent.rsplit_once('/').map_or("", |(d, _)| d);
+                format!("{dir}/{pattern}")
+            };
+            // Go's filepath.Join cleans the path; so does this, for `..` and the loop check.
+            let pattern = containerd_config::clean(&pattern);
+            for host_path in expand(opts, &pattern) {
+                if files.len() >= MAX_CONFIG_FILES || !seen.insert(host_path.clone()) {
+                    continue;
+                }
+                if let Ok(text) = std::fs::read_to_string(opts.on_host(&host_path)) {
+                    files.push(Source {
+                        path: host_path,
+                        text,
+                    });
+                }
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Expands an import path (a host path), with at most one `*` in its file name (containerd uses
+/// Go's glob; this covers the `config.d/*.toml` form every distribution writes), to host paths.
+/// Sorted, as Go's glob is.
+fn expand(opts: &NodeOptions, pattern: &str) -> Vec<String> {
+    let Some((dir, name)) = pattern.rsplit_once('/') else {
         return Vec::new();
     };
     let Some((prefix, suffix)) = name.split_once('*') else {
-        return vec![path.clone()];
+        return vec![pattern.to_owned()];
     };
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+    let mut out: Vec<String> = std::fs::read_dir(opts.on_host(dir))
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.len() >= prefix.len() + suffix.len()
-                    && n.starts_with(prefix)
-                    && n.ends_with(suffix)
-            })
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| {
+            n.len() >= prefix.len() + suffix.len() && n.starts_with(prefix) && n.ends_with(suffix)
         })
+        .map(|n| format!("{dir}/{n}"))
         .collect();
     out.sort();
     out
@@ -366,36 +443,114 @@ mod tests {
             host_root: root.to_owned(),
             certs_dir: "/etc/containerd/certs.d".into(),
             containerd_config: "/etc/containerd/config.toml".into(),
+            containerd_version: None,
             resync: Duration::from_secs(60),
             remove: false,
         }
     }
 
+    fn write(root: &Path, host_path: &str, text: &str) {
+        let p = root.join(host_path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
     #[test]
     fn reads_the_config_and_its_imports_under_the_host_root() {
         let root = tempfile::tempdir().unwrap();
-        let etc = root.path().join("etc/containerd");
-        std::fs::create_dir_all(etc.join("config.d")).unwrap();
-        std::fs::write(
-            etc.join("config.toml"),
+        write(
+            root.path(),
+            "/etc/containerd/config.toml",
             "version = 2\nimports = [\"/etc/containerd/config.d/*.toml\"]\n",
-        )
-        .unwrap();
+        );
+        std::fs::create_dir_all(root.path().join("etc/containerd/config.d")).unwrap();
         let o = opts(root.path());
-        assert_eq!(check_containerd(&o).label(), "not_used");
-        std::fs::write(
-            etc.join("config.d/10-registry.toml"),
+        assert_eq!(check_containerd(&o, None).label(), "not_used");
+        write(
+            root.path(),
+            "/etc/containerd/config.d/10-registry.toml",
             "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n",
-        )
-        .unwrap();
-        std::fs::write(etc.join("config.d/ignored.txt"), "config_path = 1").unwrap();
-        assert_eq!(check_containerd(&o).label(), "used");
+        );
+        write(
+            root.path(),
+            "/etc/containerd/config.d/ignored.txt",
+            "config_path = 1",
+        );
+        assert_eq!(
+            check_containerd(&o, Some(Version::new(1, 7))).label(),
+            "used"
+        );
+    }
+
+    #[test]
+    fn follows_relative_and_nested_imports_once_each_in_containerds_order() {
+        let root = tempfile::tempdir().unwrap();
+        write(
+            root.path(),
+            "/etc/containerd/config.toml",
+            "version = 3\nimports = [\"conf.d/*.toml\", \"/etc/containerd/missing.toml\"]\n",
+        );
+        // a.toml imports b.toml and, in a loop, the main file.
+        write(
+            root.path(),
+            "/etc/containerd/conf.d/a.toml",
+            "version = 3\nimports = [\"../b.toml\", \"/etc/containerd/config.toml\"]\n",
+        );
+        write(
+            root.path(),
+            "/etc/containerd/b.toml",
+            "version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n",
+        );
+        let files = read_containerd_config(&opts(root.path())).unwrap();
+        let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/etc/containerd/config.toml",
+                "/etc/containerd/conf.d/a.toml",
+                "/etc/containerd/b.toml"
+            ]
+        );
+        assert_eq!(
+            check_containerd(&opts(root.path()), Some(Version::new(2, 1))).label(),
+            "used"
+        );
     }
 
     #[test]
     fn a_missing_config_is_unknown_not_an_error() {
         let root = tempfile::tempdir().unwrap();
-        let v = check_containerd(&opts(root.path()));
+        let v = check_containerd(&opts(root.path()), None);
         assert_eq!(v.label(), "unknown");
+    }
+
+    #[test]
+    fn the_version_comes_from_the_flag_then_the_eks_file() {
+        let root = tempfile::tempdir().unwrap();
+        let mut o = opts(root.path());
+        assert_eq!(containerd_version(&o), (None, "unknown".into()));
+        write(
+            root.path(),
+            EKS_CONTAINERD_VERSION_FILE,
+            "containerd github.com/containerd/containerd/v2 v2.1.4 75cb2b7193e4e490e9fbdc236c0e811ccaba3376\n",
+        );
+        assert_eq!(
+            containerd_version(&o),
+            (
+                Some(Version::new(2, 1)),
+                "2.1 (/etc/eks/containerd-version.txt)".into()
+            )
+        );
+        o.containerd_version = Some(Version::new(1, 7));
+        assert_eq!(
+            containerd_version(&o),
+            (
+                Some(Version::new(1, 7)),
+                "1.7 (--containerd-version)".into()
+            )
+        );
+        o.containerd_version = None;
+        write(root.path(), EKS_CONTAINERD_VERSION_FILE, "garbage\n");
+        assert_eq!(containerd_version(&o).0, None);
     }
 }

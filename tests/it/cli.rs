@@ -240,3 +240,50 @@ fn hosts_prints_other_runtime_formats(#[case] format: &str, #[case] want: &str) 
         "other formats write nothing to --dir"
     );
 }
+
+#[test]
+fn a_bad_containerd_version_exits_64_naming_the_flag() {
+    let (_dir, path) = write_config("listen = \"127.0.0.1:5050\"\n");
+    let out = run(&["node", "--config", &path, "--containerd-version", "banana"]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--containerd-version") && err.contains("names no containerd version"),
+        "{err}"
+    );
+}
+
+/// Text logs written to a file (a pipe, a container log) carry no ANSI colour codes.
+#[tokio::test]
+async fn text_logs_to_a_file_have_no_colour_codes() {
+    let (dir, path) = write_config("listen = \"127.0.0.1:5050\"\n");
+    let host = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(host.path().join("etc/containerd/certs.d")).unwrap();
+    let port = crate::support::free_port();
+    let mut cmd = Command::new(pullthrough_bin());
+    // The node agent with --remove: it logs, then idles until SIGTERM.
+    cmd.args(["node", "--config", &path, "--remove", "--host-root"])
+        .arg(host.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .env("RUST_LOG", "info");
+    let mut agent = crate::support::ChildGuard::spawn("node", &mut cmd, dir.path());
+    agent.wait_for_port(port).await;
+    crate::support::eventually("the agent logs", || {
+        agent
+            .stderr()
+            .contains("node agent listening")
+            .then_some(())
+    })
+    .await;
+    agent.sigterm();
+    agent.wait_exit(std::time::Duration::from_secs(10)).await;
+    let bytes = std::fs::read(agent.stderr_path()).unwrap();
+    assert!(
+        !bytes.contains(&0x1b),
+        "ESC in the log file: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    // The level is still there, as plain text.
+    assert!(String::from_utf8_lossy(&bytes).contains(" INFO "));
+}

@@ -319,12 +319,13 @@ fn the_daemonset_has_the_promised_properties() {
                 "/host/etc/containerd/certs.d".to_string(),
                 false
             ),
+            ("/etc/eks".to_string(), "/host/etc/eks".to_string(), true),
         ],
-        "only certs.d is writable; containerd's config is read-only"
+        "only certs.d is writable; containerd's config and EKS's version file are read-only"
     );
     // No other hostPath anywhere in the pod.
     let host_paths = volumes.iter().filter(|v| v.host_path.is_some()).count();
-    assert_eq!(host_paths, 2);
+    assert_eq!(host_paths, 3);
 }
 
 #[test]

@@ -11,8 +11,16 @@ use crate::support::pullthrough::{Options, Pullthrough};
 use crate::support::registry::Registry;
 use crate::support::{ChildGuard, EVENTUALLY_TIMEOUT, free_port, http, pullthrough_bin};
 
-const AL2023_CONTAINERD: &str = "version = 2\nimports = [\"/etc/containerd/config.d/*.toml\"]\n\
-[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d:/etc/docker/certs.d\"\n";
+/// What nodeadm writes on an EKS AL2023 node with containerd 1.7 (the fixture's README cites it).
+const AL2023_CONTAINERD: &str =
+    include_str!("../fixtures/containerd/eks-al2023-containerd1.7.toml");
+/// The same for containerd 2.x.
+const AL2023_CONTAINERD2: &str = include_str!("../fixtures/containerd/eks-al2023-containerd2.toml");
+/// What AL2023's nodeadm keeps in /etc/eks/containerd-version.txt: `containerd --version`.
+const AL2023_VERSION_2_1: &str = "containerd github.com/containerd/containerd/v2 v2.1.4 75cb2b7193e4e490e9fbdc236c0e811ccaba3376\n";
+/// An import that turns discard off, as peer-to-peer image distribution setups ask.
+const DISCARD_OFF: &str =
+    "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\ndiscard_unpacked_layers = false\n";
 const NO_CONFIG_PATH: &str =
     "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause\"\n";
 
@@ -28,6 +36,12 @@ impl Host {
         std::fs::create_dir_all(etc.join("certs.d")).unwrap();
         std::fs::write(etc.join("config.toml"), containerd_config).unwrap();
         Host { root }
+    }
+    /// Writes a file at a host path.
+    fn write(&self, host_path: &str, text: &str) {
+        let p = self.root.path().join(host_path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
     }
     fn certs(&self) -> PathBuf {
         self.root.path().join("etc/containerd/certs.d")
@@ -217,4 +231,109 @@ async fn reports_not_ready_when_containerd_ignores_certs_d_and_remove_puts_the_n
         ["quay.io"],
         "directories pullthrough created are gone"
     );
+}
+
+/// containerd 2.1 with a colon-list `config_path` and nothing that forces the local pull skips
+/// every hosts.toml (its transfer service reads the list as one directory). EKS AL2023 is saved
+/// by `discard_unpacked_layers = true`; an import that turns it off breaks the node, silently
+/// on containerd's side, so the agent must say so, and recover once the import is gone.
+#[tokio::test]
+async fn reports_bypassed_while_containerd_2_1_would_skip_hosts_toml_and_recovers() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    let host = Host::new(&format!(
+        "imports = [\"/etc/containerd/config.d/*.toml\"]\n{AL2023_CONTAINERD2}"
+    ));
+    host.write("/etc/containerd/config.d/50-p2p.toml", DISCARD_OFF);
+    // The version comes from the node, as nodeadm leaves it.
+    host.write("/etc/eks/containerd-version.txt", AL2023_VERSION_2_1);
+
+    let mut agent = Agent::start(pt.config_path(), &host, &[]).await;
+    assert_eq!(
+        agent
+            .readyz_until("containerd 2.1 pulls with its transfer service")
+            .await,
+        503
+    );
+    let (_, body) = agent.get("/readyz").await;
+    assert!(
+        body.contains("use_local_image_pull = true") && body.contains("#12415"),
+        "{body}"
+    );
+    let gauge =
+        |state: &str| format!("pullthrough_node_containerd_config_path{{state=\"{state}\"}}");
+    assert_eq!(agent.metric(&gauge("bypassed")).await, Some(1.0));
+    assert_eq!(agent.metric(&gauge("used")).await, Some(0.0));
+    // The files go in anyway: right as soon as containerd reads them.
+    assert_eq!(
+        host.hosts_files(),
+        ["docker.io", "quay.io", "registry.k8s.io"]
+    );
+
+    // The operator drops the import; the next resync sees AL2023's own config.
+    std::fs::remove_file(host.root.path().join("etc/containerd/config.d/50-p2p.toml")).unwrap();
+    assert_eq!(agent.readyz_until("hosts.toml files installed").await, 200);
+    assert_eq!(agent.metric(&gauge("used")).await, Some(1.0));
+    assert_eq!(agent.metric(&gauge("bypassed")).await, Some(0.0));
+
+    agent.child.sigterm();
+    agent
+        .child
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let log = agent.child.stderr();
+    // Said once, with what to change, and the version's source; not at every resync.
+    assert_eq!(
+        log.matches("containerd on this node skips every hosts.toml")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("2.1 (/etc/eks/containerd-version.txt)"),
+        "{log}"
+    );
+    assert!(log.contains("containerd reads certs.d"), "{log}");
+}
+
+/// A `version = 2` config with a colon list and discard off (AL2023 with containerd 1.7 and a
+/// peer-to-peer setup) works on 1.7 and would be bypassed on 2.1+. Not knowing the version, the
+/// agent assumes 2.1+ and says how to tell it; told 1.7, it is ready.
+#[tokio::test]
+async fn an_unknown_version_assumes_2_1_until_told() {
+    let moto = Moto::start().await;
+    let registry = Registry::start(&moto.password()).await;
+    let pt = Pullthrough::start(Options::new(&registry.base_url(), &moto.endpoint())).await;
+    let host = Host::new(&AL2023_CONTAINERD.replace(
+        "discard_unpacked_layers = true",
+        "discard_unpacked_layers = false",
+    ));
+
+    let mut agent = Agent::start(pt.config_path(), &host, &[]).await;
+    assert_eq!(
+        agent
+            .readyz_until("containerd 2.1 or later pulls with its transfer service")
+            .await,
+        503
+    );
+    let (_, body) = agent.get("/readyz").await;
+    assert!(body.contains("tell it with --containerd-version"), "{body}");
+    agent.child.sigterm();
+    agent
+        .child
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let agent = Agent::start(pt.config_path(), &host, &["--containerd-version", "1.7"]).await;
+    assert_eq!(agent.readyz_until("hosts.toml files installed").await, 200);
+    assert_eq!(
+        agent
+            .metric("pullthrough_node_containerd_config_path{state=\"used\"}")
+            .await,
+        Some(1.0)
+    );
+    assert!(agent.child.stderr().contains("1.7 (--containerd-version)"));
 }

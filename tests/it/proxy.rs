@@ -659,6 +659,27 @@ async fn unknown_registries_get_404_without_an_upstream_call() {
     assert_untouched(&s.registry);
 }
 
+/// podman's path-prefix form for a registry that is not configured: 404 naming it, with or
+/// without `default_upstream`, and never `docker-hub/gcr.io/...` at ECR.
+#[tokio::test]
+async fn a_path_prefix_for_an_unconfigured_registry_is_404_naming_it() {
+    let s = stack().await;
+    let mut opts = Options::new(&s.registry.base_url(), &s.moto.endpoint());
+    opts.default_upstream = Some("docker.io".into());
+    let with_default = Pullthrough::start(opts).await;
+    for pt in [&s.pt, &with_default] {
+        let resp = via(pt, "/v2/gcr.io/distroless/static/manifests/latest", &[]).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(oci_code(&resp), "NAME_UNKNOWN");
+        let body = String::from_utf8_lossy(resp.body());
+        assert!(
+            body.contains(r#"registry \"gcr.io\" is not configured"#),
+            "{body}"
+        );
+    }
+    assert_untouched(&s.registry);
+}
+
 #[tokio::test]
 async fn bad_requests_are_refused_before_the_upstream() {
     let s = stack().await;
