@@ -3,8 +3,8 @@
 //! has the safety properties of the kustomize manifests; a typo in values fails through the
 //! schema; it does not drift from the kustomize manifests (and the comparison does fail when one
 //! side changes alone); the config it renders is what the binary reads; the dashboard and the
-//! alerts are one copy, complete, and use only metrics a running mirror, node agent and webhook
-//! export; every value is documented.
+//! alerts are one copy, complete, pass promtool's checks and unit tests, and use only metrics a
+//! running mirror, node agent and webhook export; every value is documented.
 //!
 //! Renders are cached per process (`support::k8s`), so each values file is rendered once however
 //! many tests look at it.
@@ -1289,6 +1289,80 @@ fn every_alert_says_what_to_do_and_its_runbook_exists() {
             "{name}: no unit test in tests/fixtures/alerts/tests.yaml"
         );
     }
+}
+
+/// `.cache/promtool/bin/promtool`, which `scripts/deps` unpacks (scripts/deps-promtool).
+fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
+    let bin = repo_root().join(".cache/promtool/bin/promtool");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run scripts/deps (it runs scripts/deps-promtool)",
+        bin.display()
+    );
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The rule file passes `promtool check rules` (expressions and annotation templates parse), and
+/// the alerts pass their unit tests, `tests/fixtures/alerts/tests.yaml`: each fires on the series
+/// it is about and stays quiet on healthy ones. A rule changed alone fails them.
+#[test]
+fn the_alerts_pass_promtool_check_and_their_unit_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = yaml_file(RULES)["spec"].clone();
+    // JSON is YAML: promtool reads either.
+    std::fs::write(dir.path().join("full.yaml"), spec.to_string()).unwrap();
+    let (ok, out) = promtool(&["check", "rules", "full.yaml"], dir.path());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("SUCCESS: {} rules found", alerts().len())),
+        "{out}"
+    );
+
+    // The unit tests compare annotations verbatim, and those are prose: rules.yaml is the spec
+    // without them (tests.yaml's header says so).
+    let bare = |spec: &Value| {
+        let mut spec = spec.clone();
+        for g in spec["groups"].as_array_mut().unwrap() {
+            for r in g["rules"].as_array_mut().unwrap() {
+                r.as_object_mut().unwrap().remove("annotations");
+            }
+        }
+        spec.to_string()
+    };
+    std::fs::write(dir.path().join("rules.yaml"), bare(&spec)).unwrap();
+    std::fs::copy(
+        repo_root().join("tests/fixtures/alerts/tests.yaml"),
+        dir.path().join("tests.yaml"),
+    )
+    .unwrap();
+    let (ok, out) = promtool(&["test", "rules", "tests.yaml"], dir.path());
+    assert!(
+        ok,
+        "promtool test rules tests/fixtures/alerts/tests.yaml:\n{out}"
+    );
+
+    // Not vacuous: the mirror-down alert waiting 20 minutes instead of 5 fails its test.
+    let mut slow = spec.clone();
+    let rule = slow["groups"][0]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|r| r["alert"] == "PullthroughMirrorDown")
+        .unwrap();
+    rule["for"] = "20m".into();
+    std::fs::write(dir.path().join("rules.yaml"), bare(&slow)).unwrap();
+    let (ok, out) = promtool(&["test", "rules", "tests.yaml"], dir.path());
+    assert!(!ok && out.contains("PullthroughMirrorDown"), "{out}");
 }
 
 // --- Metric names ------------------------------------------------------------------------------
