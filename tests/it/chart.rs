@@ -349,6 +349,13 @@ fn the_safety_properties_hold_for_every_values_file() {
             "{file}: listen {}",
             config.listen
         );
+        // In-flight pulls get timeouts.shutdown after SIGTERM, within the kubelet's grace.
+        let grace = pod.termination_grace_period_seconds.unwrap();
+        let shutdown = config.timeouts.shutdown.as_secs();
+        assert!(
+            u64::try_from(grace).unwrap() > shutdown,
+            "{file}: terminationGracePeriodSeconds {grace}, shutdown {shutdown}s"
+        );
 
         let mirror = container(&pod, "mirror");
         assert_eq!(
@@ -463,7 +470,7 @@ fn check_webhook(file: &str, docs: &[Value]) {
     let grace = pod.termination_grace_period_seconds.unwrap();
     let shutdown = config.timeouts.shutdown.as_secs();
     assert!(
-        grace as u64 > 5 + shutdown,
+        u64::try_from(grace).unwrap() > 5 + shutdown,
         "{file}: grace {grace}, shutdown {shutdown}"
     );
 
