@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod abuse;
+mod chart;
 mod cli;
 mod e2e;
 mod ecr;

@@ -1,24 +1,17 @@
 //! The Kubernetes manifests (`deploy/node/`, `deploy/`) and the IAM examples: every YAML document
 //! parses into its typed Kubernetes object with nothing lost (so a misspelt field fails here,
-//! not on a cluster), every kustomization renders, and the DaemonSet has the properties the
-//! docs (docs/install.md) promise.
+//! not on a cluster), every kustomization renders with the pinned kubectl (`scripts/deps`), and
+//! the DaemonSet has the properties the docs (docs/install.md) promise. The pod helpers here are
+//! shared with the Helm chart's tests (`chart.rs`), which hold the chart to the same properties.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
-use serde::Deserialize;
 use serde_json::Value;
 
+use crate::support::k8s::{check_object, kustomize, yaml_docs};
 use crate::support::repo_root;
-
-fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(text)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
-}
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -31,51 +24,6 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Parses `doc` as `T` and back: equal only if every field was known to `T`.
-fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value, what: &str) {
-    let typed: T = serde_json::from_value(doc.clone())
-        .unwrap_or_else(|e| panic!("{what}: not a valid object: {e}"));
-    let back = serde_json::to_value(&typed).unwrap();
-    assert_eq!(&back, doc, "{what}: fields were lost in parsing (a typo?)");
-}
-
-/// Checks one Kubernetes object; returns its kind.
-fn check_object(doc: &Value, what: &str) -> String {
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
-    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let kind = doc["kind"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: no kind"))
-        .to_owned();
-    assert!(doc["apiVersion"].is_string(), "{what}: no apiVersion");
-    if kind == "Kustomization" || kind == "Component" {
-        return kind;
-    }
-    assert!(
-        doc["metadata"]["name"].is_string(),
-        "{what}: no metadata.name"
-    );
-    match kind.as_str() {
-        "DaemonSet" => roundtrip::<DaemonSet>(doc, what),
-        "Deployment" => roundtrip::<Deployment>(doc, what),
-        "Namespace" => roundtrip::<Namespace>(doc, what),
-        "ServiceAccount" => roundtrip::<ServiceAccount>(doc, what),
-        "ConfigMap" => roundtrip::<ConfigMap>(doc, what),
-        "Secret" => roundtrip::<Secret>(doc, what),
-        "Service" => roundtrip::<Service>(doc, what),
-        "PodDisruptionBudget" => roundtrip::<PodDisruptionBudget>(doc, what),
-        "MutatingWebhookConfiguration" => roundtrip::<MutatingWebhookConfiguration>(doc, what),
-        "Role" => roundtrip::<Role>(doc, what),
-        "RoleBinding" => roundtrip::<RoleBinding>(doc, what),
-        // CRDs (PodMonitor, cert-manager) and kustomize's own files: shape checked above.
-        _ => {}
-    }
-    kind
-}
-
 #[test]
 #[should_panic(expected = "fields were lost in parsing")]
 fn a_misspelt_field_fails_the_roundtrip() {
@@ -83,6 +31,35 @@ fn a_misspelt_field_fails_the_roundtrip() {
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  selector: {}\n  template:\n    spec:\n      hostNetwrok: true\n      containers: []\n",
     );
     check_object(&doc[0], "typo");
+}
+
+#[test]
+#[should_panic(expected = "unknown field \"podMetricEndpoints\"")]
+fn a_misspelt_custom_resource_field_fails() {
+    // CRDs drop unknown fields instead of refusing them: without this check a typo in a
+    // PodMonitor would leave pullthrough unscraped, silently.
+    let doc = yaml_docs(
+        "apiVersion: monitoring.coreos.com/v1\nkind: PodMonitor\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  podMetricEndpoints: [{port: ops}]\n",
+    );
+    check_object(&doc[0], "typo");
+}
+
+/// Every directory with a `kustomization.yaml` of kind Kustomization (components are rendered
+/// through the overlays that use them).
+#[test]
+fn every_kustomization_renders() {
+    let mut files = Vec::new();
+    yaml_files(&repo_root().join("deploy"), &mut files);
+    let mut rendered = 0;
+    for f in files.iter().filter(|f| f.ends_with("kustomization.yaml")) {
+        let doc = &yaml_docs(&std::fs::read_to_string(f).unwrap())[0];
+        if doc["kind"] == "Kustomization" {
+            let dir = f.parent().unwrap().strip_prefix(repo_root()).unwrap();
+            assert!(!kustomize(dir.to_str().unwrap()).is_empty(), "{dir:?}");
+            rendered += 1;
+        }
+    }
+    assert!(rendered >= 8, "{rendered}");
 }
 
 #[test]
@@ -107,40 +84,7 @@ fn every_yaml_document_is_a_valid_typed_object() {
     }
 }
 
-/// `kubectl kustomize DIR` (scripts/deps installs kubectl where it is missing).
-fn render(dir: &str) -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .args(["kustomize", dir])
-        .current_dir(repo_root())
-        .output()
-        .unwrap_or_else(|e| panic!("kubectl (scripts/deps installs it): {e}"));
-    assert!(
-        out.status.success(),
-        "{dir}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let docs = yaml_docs(&String::from_utf8(out.stdout).unwrap());
-    for (i, d) in docs.iter().enumerate() {
-        check_object(d, &format!("kubectl kustomize {dir} (object {})", i + 1));
-    }
-    docs
-}
-
-/// Components need kustomize v3.7 or later (kubectl 1.21+).
-fn kustomize_has_components() -> bool {
-    let out = Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let major = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Kustomize Version: v"))
-        .and_then(|v| v.split('.').next()?.parse::<u32>().ok());
-    major.is_some_and(|m| m >= 4)
-}
-
-fn daemonset(docs: &[Value], name: &str) -> DaemonSet {
+pub(crate) fn daemonset(docs: &[Value], name: &str) -> DaemonSet {
     let doc = docs
         .iter()
         .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == name)
@@ -148,11 +92,11 @@ fn daemonset(docs: &[Value], name: &str) -> DaemonSet {
     serde_json::from_value(doc.clone()).unwrap()
 }
 
-fn pod_spec(ds: &DaemonSet) -> PodSpec {
+pub(crate) fn pod_spec(ds: &DaemonSet) -> PodSpec {
     ds.spec.template.spec.clone().unwrap()
 }
 
-fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
+pub(crate) fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
     pod.containers
         .iter()
         .find(|c| c.name == name)
@@ -160,7 +104,7 @@ fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
 }
 
 /// `(host path, mount path, read-only)` of every hostPath a container mounts.
-fn host_mounts(pod: &PodSpec, c: &Container) -> Vec<(String, String, bool)> {
+pub(crate) fn host_mounts(pod: &PodSpec, c: &Container) -> Vec<(String, String, bool)> {
     let volumes = pod.volumes.clone().unwrap_or_default();
     c.volume_mounts
         .clone()
@@ -179,7 +123,7 @@ fn host_mounts(pod: &PodSpec, c: &Container) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-fn port_of(c: &Container, name: &str) -> i32 {
+pub(crate) fn port_of(c: &Container, name: &str) -> i32 {
     c.ports
         .clone()
         .unwrap_or_default()
@@ -194,7 +138,7 @@ fn port_of(c: &Container, name: &str) -> i32 {
         .unwrap_or_else(|| panic!("{}: no port {name}", c.name))
 }
 
-fn probe_target(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> (String, String) {
+pub(crate) fn probe_target(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> (String, String) {
     let get = probe
         .and_then(|p| p.http_get.as_ref())
         .expect("an httpGet probe");
@@ -205,7 +149,7 @@ fn probe_target(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> (String, S
     (get.path.clone().unwrap_or_default(), port)
 }
 
-fn assert_locked_down(c: &Container) {
+pub(crate) fn assert_locked_down(c: &Container) {
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
     assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
@@ -224,7 +168,7 @@ fn assert_locked_down(c: &Container) {
 
 #[test]
 fn the_daemonset_has_the_promised_properties() {
-    let docs = render("deploy/node");
+    let docs = kustomize("deploy/node");
     let ds = daemonset(&docs, "pullthrough");
     let spec = &ds.spec;
     let rolling = spec
@@ -330,7 +274,7 @@ fn the_daemonset_has_the_promised_properties() {
 
 #[test]
 fn uninstall_and_overlays_render() {
-    let docs = render("deploy/uninstall");
+    let docs = kustomize("deploy/uninstall");
     let ds = daemonset(&docs, "pullthrough-uninstall");
     let pod = pod_spec(&ds);
     let remove = container(&pod, "remove");
@@ -351,17 +295,43 @@ fn uninstall_and_overlays_render() {
         )]
     );
 
-    if !kustomize_has_components() {
-        // Debian 12's kubectl 1.20 embeds kustomize v2, from before components. The component
-        // files themselves are still checked by every_yaml_document_is_a_valid_typed_object.
-        eprintln!("kubectl's kustomize predates components: deploy/* not rendered");
-        return;
+    // Monitoring: the alerts and the dashboard alone, and with the DaemonSet and its PodMonitor.
+    let kinds = |docs: &[Value]| -> Vec<String> {
+        let mut k: Vec<String> = docs
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}/{}",
+                    d["kind"].as_str().unwrap(),
+                    d["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        kinds(&kustomize("deploy/monitoring")),
+        [
+            "ConfigMap/pullthrough-dashboard",
+            "PrometheusRule/pullthrough"
+        ]
+    );
+    let monitoring = kinds(&kustomize("deploy/examples/monitoring"));
+    for want in [
+        "ConfigMap/pullthrough-dashboard",
+        "DaemonSet/pullthrough",
+        "PodMonitor/pullthrough",
+        "PrometheusRule/pullthrough",
+    ] {
+        assert!(
+            monitoring.iter().any(|k| k == want),
+            "{want}: {monitoring:?}"
+        );
     }
-    let monitoring = render("deploy/examples/monitoring");
-    assert!(monitoring.iter().any(|d| d["kind"] == "PodMonitor"));
 
     // Bottlerocket: the mirror alone, nothing of the host mounted.
-    let br = render("deploy/examples/bottlerocket");
+    let br = kustomize("deploy/examples/bottlerocket");
     let pod = pod_spec(&daemonset(&br, "pullthrough"));
     assert_eq!(pod.containers.len(), 1);
     assert_eq!(pod.containers[0].name, "mirror");
@@ -434,7 +404,7 @@ fn iam_examples_grant_the_node_role_what_it_needs() {
 }
 
 /// The one document of `kind` named `name`.
-fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+pub(crate) fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no {kind} {name}"))
@@ -448,7 +418,7 @@ fn the_webhook_manifests_have_the_promised_properties() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-    let docs = render("deploy/webhook");
+    let docs = kustomize("deploy/webhook");
     let mwc: MutatingWebhookConfiguration = serde_json::from_value(
         object(&docs, "MutatingWebhookConfiguration", "pullthrough-webhook").clone(),
     )
@@ -554,15 +524,9 @@ fn the_webhook_manifests_have_the_promised_properties() {
         .find_map(|v| v.secret?.secret_name)
         .expect("the TLS secret volume");
 
-    if !kustomize_has_components() {
-        eprintln!(
-            "kubectl's kustomize predates components: deploy/examples/webhook-* not rendered"
-        );
-        return;
-    }
     // cert-manager: the CA injector reads <namespace>/<Certificate> of the serving certificate,
     // the one writing the Secret the Deployment mounts.
-    let cm = render("deploy/examples/webhook-cert-manager");
+    let cm = kustomize("deploy/examples/webhook-cert-manager");
     let serving = cm
         .iter()
         .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == tls_secret.as_str())
@@ -585,7 +549,7 @@ fn the_webhook_manifests_have_the_promised_properties() {
     );
 
     // Cluster-wide: the opt-in expression is gone, the opt-outs stay.
-    let wide = render("deploy/examples/webhook-cluster-wide");
+    let wide = kustomize("deploy/examples/webhook-cluster-wide");
     assert_eq!(annotation(&wide), Some(want));
     let mwc: MutatingWebhookConfiguration = serde_json::from_value(
         object(&wide, "MutatingWebhookConfiguration", "pullthrough-webhook").clone(),

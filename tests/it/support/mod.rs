@@ -13,6 +13,8 @@
 //! - [`containerd`]: a private containerd daemon plus a hand-written CRI
 //!   `ImageService` client and a `ctr` wrapper.
 //! - [`http`]: a one-shot HTTP/1 client for talking to any of the above.
+//! - [`k8s`]: the pinned `kubectl` and `helm`, cached renders, and the checks every rendered
+//!   Kubernetes object gets (typed round-trips, custom resources' fields).
 //! - [`fault`]: a relay that hangs or throttles, a server answering 5xx/429, a tmpfs, and
 //!   readers of where a pull's blobs came from (the fault matrix).
 
@@ -24,6 +26,7 @@ pub mod containerd;
 pub mod fault;
 pub mod http;
 pub mod image;
+pub mod k8s;
 pub mod moto;
 pub mod pullthrough;
 pub mod registry;
