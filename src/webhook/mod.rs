@@ -473,15 +473,6 @@ impl WebhookServer {
         })
     }
 
-    /// Warms with `fetcher` instead of one built from the environment's AWS identity (tests
-    /// point it at their stand-ins). No effect unless warming is on.
-    pub fn warm_through(mut self, fetcher: crate::ecr::warm::Fetcher) -> Self {
-        if let Some(w) = &mut self.warming {
-            w.fetcher = Some(fetcher);
-        }
-        self
-    }
-
     /// Serves HTTPS on `listener` and ops on `ops` until `shutdown` resolves; then `/readyz`
     /// turns 503 while both keep serving for [`DRAIN_DELAY`], and then both drain for at most
     /// `timeouts.shutdown`. Returns whether the drain finished in time. With warming on, the
@@ -542,8 +533,6 @@ struct Warming {
     forwarder: crate::mirror::forward::Forwarder,
     base: Option<http::Uri>,
     config: Config,
-    /// Set by [`WebhookServer::warm_through`]; else built from the AWS SDK's default chain.
-    fetcher: Option<crate::ecr::warm::Fetcher>,
 }
 
 impl Warming {
@@ -567,7 +556,6 @@ impl Warming {
             forwarder,
             base,
             config: config.clone(),
-            fetcher: None,
         })
     }
 
@@ -579,20 +567,15 @@ impl Warming {
     fn start(self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         use crate::mirror::token::{EcrTokenSource, TokenCache, sdk_config};
         tokio::spawn(async move {
-            let fetcher = match self.fetcher {
-                Some(f) => f,
-                None => {
-                    let sdk = tokio::select! {
-                        () = stop.cancelled() => return,
-                        sdk = sdk_config(&self.config) => sdk,
-                    };
-                    let tokens = TokenCache::new(
-                        Arc::new(EcrTokenSource::new(aws_sdk_ecr::Client::new(&sdk))),
-                        crate::mirror::metrics::Metrics::new().0,
-                    );
-                    crate::ecr::warm::Fetcher::new(self.forwarder, tokens, self.base)
-                }
+            let sdk = tokio::select! {
+                () = stop.cancelled() => return,
+                sdk = sdk_config(&self.config) => sdk,
             };
+            let tokens = TokenCache::new(
+                Arc::new(EcrTokenSource::new(aws_sdk_ecr::Client::new(&sdk))),
+                crate::mirror::metrics::Metrics::new().0,
+            );
+            let fetcher = crate::ecr::warm::Fetcher::new(self.forwarder, tokens, self.base);
             self.workers.run(fetcher, stop).await;
         })
     }
