@@ -74,25 +74,27 @@ pub fn images_from_json(text: &str) -> Result<Found, PodsError> {
     }
     let mut found = Collector::default();
     let kind = doc.get("kind").and_then(Value::as_str).map(str::to_owned);
-    match kind.as_deref() {
-        Some(k) if k == "List" || (k.ends_with("List") && doc.get("items").is_some()) => {
-            let items = doc
-                .get("items")
-                .map(|v| {
-                    v.as_array().ok_or_else(|| PodsError::Items {
+    match (kind.as_deref(), doc) {
+        (Some(k), Value::Object(mut list))
+            if k == "List" || (k.ends_with("List") && list.contains_key("items")) =>
+        {
+            // Taken out, not copied: a large cluster's pod list is tens of megabytes.
+            let items = match list.remove("items") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(items)) => items,
+                Some(_) => {
+                    return Err(PodsError::Items {
                         at: "the list".into(),
-                    })
-                })
-                .transpose()?
-                .cloned()
-                .unwrap_or_default();
+                    });
+                }
+            };
             // The API server's typed lists (`PodList`) leave `kind` out of their items.
             let item_kind = k.strip_suffix("List").filter(|s| !s.is_empty());
             for (i, item) in items.into_iter().enumerate() {
                 found.object(item, item_kind, &format!("item {i}"))?;
             }
         }
-        _ => found.object(doc, None, "the object")?,
+        (_, doc) => found.object(doc, None, "the object")?,
     }
     Ok(found.done())
 }

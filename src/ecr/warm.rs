@@ -484,10 +484,10 @@ pub async fn warm_image(fetcher: &Fetcher, t: &WarmTarget) -> Warmed {
     w
 }
 
-/// Runs `jobs`, at most `concurrency` warms at a time, and returns one row per job in order.
-/// `tick` is called as each job finishes (the progress bar). Once `stop` is cancelled no warm
-/// starts, and those in flight finish; once `abort` is, those in flight are dropped too. Either
-/// way the rows of what did not run say [`Outcome::Interrupted`].
+/// Runs `jobs`, at most `concurrency` warms at a time, started in order, and returns one row per
+/// job in order. `tick` is called as each job finishes (the progress bar). Once `stop` is
+/// cancelled no warm starts, and those in flight finish; once `abort` is, those in flight are
+/// dropped too. Either way the rows of what did not run say [`Outcome::Interrupted`].
 pub async fn warm_all(
     fetcher: &Fetcher,
     jobs: Vec<Job>,
@@ -499,49 +499,61 @@ pub async fn warm_all(
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let tick = Arc::new(tick);
     let mut set = tokio::task::JoinSet::new();
+    let mut out: Vec<Option<Warmed>> = (0..jobs.len()).map(|_| None).collect();
     let mut images = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.into_iter().enumerate() {
         images.push((job.image.clone(), repository_of(&job)));
+        let t = match job.action {
+            Action::Skip(why) => {
+                out[i] = Some(Warmed::not_warmed(job.image, None, Outcome::Skipped(why)));
+                tick();
+                continue;
+            }
+            Action::Fail(why) => {
+                out[i] = Some(Warmed::not_warmed(
+                    job.image,
+                    None,
+                    Outcome::Failed(WarmError::Image(why)),
+                ));
+                tick();
+                continue;
+            }
+            Action::Warm(t) => t,
+        };
+        // `biased`: once Ctrl-C has been pressed, a permit freed by a finished warm must not
+        // start another.
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => None,
+            p = Arc::clone(&sem).acquire_owned() => p.ok(),
+        };
+        let Some(permit) = permit else {
+            out[i] = Some(Warmed::not_warmed(
+                t.image.clone(),
+                Some(t.repository.clone()),
+                Outcome::Interrupted,
+            ));
+            tick();
+            continue;
+        };
         let fetcher = fetcher.clone();
-        let sem = Arc::clone(&sem);
         let tick = Arc::clone(&tick);
-        let (stop, abort) = (stop.clone(), abort.clone());
+        let abort = abort.clone();
         set.spawn(async move {
-            let w = match job.action {
-                Action::Skip(why) => Warmed::not_warmed(job.image, None, Outcome::Skipped(why)),
-                Action::Fail(why) => {
-                    Warmed::not_warmed(job.image, None, Outcome::Failed(WarmError::Image(why)))
-                }
-                Action::Warm(t) => {
-                    let interrupted = || {
-                        Warmed::not_warmed(
-                            t.image.clone(),
-                            Some(t.repository.clone()),
-                            Outcome::Interrupted,
-                        )
-                    };
-                    // `biased`: a permit freed by a finished warm must not start another once
-                    // Ctrl-C has been pressed.
-                    let permit = tokio::select! {
-                        biased;
-                        () = stop.cancelled() => None,
-                        p = sem.acquire_owned() => p.ok(),
-                    };
-                    match permit {
-                        None => interrupted(),
-                        Some(_permit) => tokio::select! {
-                            biased;
-                            () = abort.cancelled() => interrupted(),
-                            w = warm_image(&fetcher, &t) => w,
-                        },
-                    }
-                }
+            let _permit = permit;
+            let w = tokio::select! {
+                biased;
+                () = abort.cancelled() => Warmed::not_warmed(
+                    t.image.clone(),
+                    Some(t.repository.clone()),
+                    Outcome::Interrupted,
+                ),
+                w = warm_image(&fetcher, &t) => w,
             };
             tick();
             (i, w)
         });
     }
-    let mut out: Vec<Option<Warmed>> = (0..images.len()).map(|_| None).collect();
     while let Some(joined) = set.join_next().await {
         if let Ok((i, w)) = joined {
             out[i] = Some(w);

@@ -486,10 +486,7 @@ impl WebhookServer {
         let acceptor =
             tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(Arc::clone(&self.cert))?));
         let stop = CancellationToken::new();
-        let warm_workers = match self.warming.take() {
-            Some(w) => Some(w.start(stop.clone())),
-            None => None,
-        };
+        let warm_workers = self.warming.take().map(|w| w.start(stop.clone()));
         let trigger = stop.clone();
         let draining = Arc::clone(&self.draining);
         tokio::spawn(async move {

@@ -409,6 +409,49 @@ mod tests {
         assert!(d.seen.len() <= MAX_REMEMBERED);
     }
 
+    /// The policy shipped for the warming identity (docs/iam/webhook-warm-policy.json) allows
+    /// exactly what a warm does: the token, manifest GETs, and the import they cause. No layer
+    /// download: warming never fetches a blob.
+    #[test]
+    fn the_shipped_policy_allows_what_warming_does_and_no_more() {
+        let policy: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/iam/webhook-warm-policy.json")).unwrap();
+        let mut actions: Vec<String> = policy["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| match &s["Action"] {
+                serde_json::Value::String(a) => vec![a.clone()],
+                serde_json::Value::Array(a) => {
+                    a.iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+                }
+                other => panic!("{other}"),
+            })
+            .collect();
+        actions.sort();
+        assert_eq!(
+            actions,
+            [
+                "ecr:BatchGetImage",
+                "ecr:BatchImportUpstreamImage",
+                "ecr:CreateRepository",
+                "ecr:GetAuthorizationToken"
+            ]
+        );
+        // One repository prefix per default upstream rule that has one in the console.
+        let resources = policy["Statement"][1]["Resource"].as_array().unwrap();
+        for u in upstreams().values() {
+            assert!(
+                resources.iter().any(|r| r
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!(":repository/{}/*", u.prefix))),
+                "no repository/{}/* in the policy",
+                u.prefix
+            );
+        }
+    }
+
     fn target(tag: &str) -> WarmTarget {
         WarmTarget {
             image: format!("docker.io/library/x:{tag}@{SHA}"),
