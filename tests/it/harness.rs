@@ -4,7 +4,11 @@
 use http::StatusCode;
 use serde_json::Value;
 
-use crate::support::containerd::{Containerd, mirror_hosts_toml, write_hosts_toml};
+use rstest::rstest;
+
+use crate::support::containerd::{
+    Containerd, ContainerdVersion, mirror_hosts_toml, write_hosts_toml,
+};
 use crate::support::ecr_front::{EcrFront, FrontOptions};
 use crate::support::http::{get, header};
 use crate::support::image::{ACCEPT, INDEX, Image, MANIFEST};
@@ -162,8 +166,12 @@ async fn moto_counts_token_calls_and_rotates_with_the_account() {
 
 /// containerd in the sandbox pulls through a `hosts.toml` mirror, by CRI
 /// and by ctr, single- and multi-arch, and the mirror sees `?ns=docker.io`.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn containerd_pulls_through_a_hosts_toml_mirror() {
+async fn containerd_pulls_through_a_hosts_toml_mirror(#[case] version: ContainerdVersion) {
     let registry = Registry::start_open().await;
     let alpine = Image::small("harness-alpine");
     let multi = Image::multi_arch("harness-multi-arch");
@@ -180,7 +188,7 @@ async fn containerd_pulls_through_a_hosts_toml_mirror() {
             &registry.base_url(),
         ),
     );
-    let containerd = Containerd::start(certs_d.path()).await;
+    let containerd = Containerd::start_version(version, certs_d.path()).await;
 
     // CRI, single-platform image.
     let image = "docker.io/library/alpine:3.19";
