@@ -224,7 +224,7 @@ pub struct WarmWorkers {
     queue: WarmQueue,
 }
 
-/// A queue of `capacity` warms, served by `workers` workers once [`WarmWorkers::spawn`]ed,
+/// A queue of `capacity` warms, served by `workers` workers once [`WarmWorkers::run`] runs,
 /// each (repository, tag) queued at most once per `dedupe`.
 pub fn queue(
     capacity: usize,

@@ -1,5 +1,6 @@
 //! `pullthrough ecr`: the real binary against moto (repositories, tokens) and docker-registry
-//! standing in for the ECR registry endpoint. The rule, template and policy APIs moto lacks are
+//! standing in for the ECR registry endpoint, behind the ECR-like stand-in ([`EcrFront`]) where
+//! `warm` depends on how ECR's pull-through cache behaves. The rule, template and policy APIs moto lacks are
 //! covered by aws-smithy-mocks in `src/ecr`.
 
 use std::path::Path;
@@ -7,6 +8,7 @@ use std::process::{Command, Output};
 
 use aws_sdk_ecr::config::{BehaviorVersion, Credentials, Region};
 
+use crate::support::ecr_front::{EcrFront, FrontOptions};
 use crate::support::image::Image;
 use crate::support::moto::Moto;
 use crate::support::pullthrough::TEST_TIMEOUTS;
@@ -248,20 +250,43 @@ async fn registry_config(dir: &Path, registry: &Registry, extra: &str) -> String
     )
 }
 
+/// The ECR-like stand-in before `registry`, importing from `hub` for both test upstreams, and a
+/// config pointing `ecr.endpoint` at it.
+async fn front_config(
+    dir: &Path,
+    registry: &Registry,
+    hub: &Registry,
+    options: FrontOptions,
+) -> (EcrFront, String) {
+    let options = options
+        .upstream_registry("docker-hub", hub)
+        .upstream_registry("quay", hub);
+    let front = EcrFront::start(registry, options).await;
+    let config = write_config(
+        dir,
+        &format!(
+            "[ecr]\nregion = \"us-east-1\"\naccount = \"123456789012\"\nendpoint = \"{}\"\n{TEST_TIMEOUTS}\
+             [upstreams.\"docker.io\"]\nprefix = \"docker-hub\"\n[upstreams.\"quay.io\"]\nprefix = \"quay\"\n",
+            front.base_url()
+        ),
+    );
+    (front, config)
+}
+
+/// Warm against ECR's behaviour: each tag GET makes ECR import the image from its upstream, and
+/// the platform manifests of an index are then served by digest.
 #[tokio::test(flavor = "multi_thread")]
 async fn warm_gets_the_tag_and_every_platform_manifest_of_an_index() {
     let moto = Moto::start().await;
     let registry = Registry::start(&moto.password()).await;
+    let hub = Registry::start_open().await;
     let multi = Image::multi_arch("warm-multi");
     let single = Image::small("warm-single");
-    registry
-        .push("docker-hub/library/warmme", "1.0", &multi)
-        .await;
-    registry.push("quay/org/single", "2", &single).await;
-    registry.clear_requests();
+    hub.push("library/warmme", "1.0", &multi).await;
+    hub.push("org/single", "2", &single).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let config = registry_config(dir.path(), &registry, "").await;
+    let (front, config) = front_config(dir.path(), &registry, &hub, FrontOptions::new()).await;
     let list = dir.path().join("images.txt");
     std::fs::write(&list, "# from a file\nquay.io/org/single:2\n").unwrap();
     let out = ecr(
@@ -293,28 +318,32 @@ async fn warm_gets_the_tag_and_every_platform_manifest_of_an_index() {
         "{text}"
     );
 
-    // The registry saw the tag GETs, and each child manifest of the index by digest.
+    // ECR imported each image on its tag GET, then served each child of the index by digest.
+    let mut imports = front.imports();
+    imports.sort();
     assert_eq!(
-        registry
-            .wait_for_request("GET", "/v2/docker-hub/library/warmme/manifests/1.0")
-            .await,
-        200
+        imports,
+        ["docker-hub/library/warmme:1.0", "quay/org/single:2"],
+        "{}",
+        front.log_text()
     );
     for m in &multi.manifests {
         let path = format!("/v2/docker-hub/library/warmme/manifests/{}", m.digest());
-        assert_eq!(registry.wait_for_request("GET", &path).await, 200, "{path}");
+        assert_eq!(
+            front.wait_for_ecr("GET", &path).await.status,
+            Some(200),
+            "{path}"
+        );
     }
-    assert_eq!(
-        registry
-            .wait_for_request("GET", "/v2/quay/org/single/manifests/2")
-            .await,
-        200
-    );
     // Only manifests: warm never pulls a blob.
     assert!(
-        registry.paths_seen().iter().all(|p| !p.contains("/blobs/")),
-        "{:?}",
-        registry.paths_seen()
+        front
+            .ecr_requests()
+            .iter()
+            .all(|r| !r.path.contains("/blobs/"))
+            && front.s3_requests().is_empty(),
+        "{}",
+        front.log_text()
     );
 }
 
@@ -398,40 +427,42 @@ fn pods_json(pod_images: &[String], deployment_image: &str, cron_image: &str) ->
     serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
 }
 
-/// How many times the registry saw a GET of exactly `path`.
-fn gets(registry: &Registry, path: &str) -> usize {
-    registry
-        .requests()
-        .iter()
-        .filter(|(m, u, _)| m == "GET" && u == path)
-        .count()
-}
-
-/// Every outcome of `--from-pods`, each image warmed once however often it is named:
+/// Every outcome of `--from-pods`, against ECR's behaviour (the stand-in, re-checking every tag
+/// upstream on each GET, so a tag moved upstream moves in ECR at once), each image warmed once
+/// however often it is named:
 /// - a pinned digest the tag points at is cached; one that is an index's platform manifest too;
-/// - a tag that moved: the pinned digest still cached from before, or not in ECR at all (then
-///   it cannot enter by tag, which is reported but is no failure);
+/// - a tag that moved: the pinned digest still cached from before, or never imported (then it
+///   cannot enter by tag, which is reported but is no failure);
 /// - a digest-only image and one on no configured upstream are skipped, not failed;
 /// - only a failed warm makes the exit status 1.
 #[tokio::test(flavor = "multi_thread")]
 async fn warm_from_pods_reports_each_image_once_with_what_became_of_its_digest() {
     let moto = Moto::start().await;
     let registry = Registry::start(&moto.password()).await;
+    let hub = Registry::start_open().await;
     let web = Image::small("fp-web");
     let multi = Image::multi_arch("fp-multi");
     let old = Image::small("fp-old");
     let new = Image::small("fp-new");
     let gone = Image::small("fp-never-pushed");
     let cron = Image::small("fp-cron");
-    registry.push("docker-hub/library/web", "1", &web).await;
-    registry.push("quay/org/multi", "3", &multi).await;
-    // `moved:2` pointed at `old` once (still held, by its old tag) and now at `new`.
-    registry
-        .push("docker-hub/library/moved", "before", &old)
-        .await;
-    registry.push("docker-hub/library/moved", "2", &new).await;
-    registry.push("docker-hub/acme/cron", "7", &cron).await;
-    registry.clear_requests();
+    hub.push("library/web", "1", &web).await;
+    hub.push("org/multi", "3", &multi).await;
+    hub.push("library/moved", "2", &old).await;
+    hub.push("acme/cron", "7", &cron).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (front, config) = front_config(
+        dir.path(),
+        &registry,
+        &hub,
+        FrontOptions::new().tag_recheck("0"),
+    )
+    .await;
+    // `moved:2` is cached while it points at `old`; then it moves upstream to `new`.
+    let out = ecr(&["warm", "--config", &config, "moved:2"], &moto.endpoint());
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    hub.push("library/moved", "2", &new).await;
+    front.clear_log();
 
     let amd64 = multi.manifests[0].digest();
     let pods = [
@@ -444,8 +475,6 @@ async fn warm_from_pods_reports_each_image_once_with_what_became_of_its_digest()
         format!("nginx@{}", web.digest()),
         "ghcr.io/org/app:1".to_owned(),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let config = registry_config(dir.path(), &registry, "").await;
     let file = dir.path().join("pods.json");
     std::fs::write(
         &file,
@@ -527,26 +556,27 @@ async fn warm_from_pods_reports_each_image_once_with_what_became_of_its_digest()
         "{text}"
     );
 
-    // What ECR saw: each tag once per image that names it, and the pinned digests by digest.
-    assert_eq!(gets(&registry, "/v2/docker-hub/library/web/manifests/1"), 1);
+    // What ECR saw: each tag GET once per image naming it, the pinned digests by digest, and the
+    // never-imported one answered 404 whatever the upstream has.
+    let gets = |path: &str| {
+        front
+            .ecr_requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path)
+            .count()
+    };
+    assert_eq!(gets("/v2/docker-hub/library/web/manifests/1"), 1);
     assert_eq!(
-        gets(
-            &registry,
-            &format!("/v2/docker-hub/library/web/manifests/{}", web.digest())
-        ),
+        gets(&format!(
+            "/v2/docker-hub/library/web/manifests/{}",
+            web.digest()
+        )),
         1
     );
-    assert_eq!(
-        registry
-            .wait_for_request(
-                "GET",
-                &format!("/v2/docker-hub/library/moved/manifests/{}", gone.digest())
-            )
-            .await,
-        404
-    );
+    let missing = format!("/v2/docker-hub/library/moved/manifests/{}", gone.digest());
+    assert_eq!(front.wait_for_ecr("GET", &missing).await.status, Some(404));
     // Nothing for the skipped ones, and never a blob.
-    let paths = registry.paths_seen();
+    let paths: Vec<String> = front.ecr_requests().into_iter().map(|r| r.path).collect();
     assert!(
         paths
             .iter()
@@ -554,7 +584,7 @@ async fn warm_from_pods_reports_each_image_once_with_what_became_of_its_digest()
         "{paths:?}"
     );
 
-    // A pod whose tag ECR cannot get fails the run (exit 1), and the rest are still warmed.
+    // A pod whose tag ECR cannot import fails the run (exit 1), and the rest are still warmed.
     let missing = format!("web:404@{}", web.digest());
     std::fs::write(&file, pods_json(&[missing], "acme/cron:7", "acme/cron:7")).unwrap();
     let out = ecr(

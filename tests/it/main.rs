@@ -12,6 +12,7 @@
 
 mod abuse;
 mod cli;
+mod digest_pinned;
 mod e2e;
 mod ecr;
 mod fault;

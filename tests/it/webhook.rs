@@ -984,24 +984,25 @@ async fn admit(port: u16, ca: &Path, review: &Value) -> Value {
 /// images that are not `name:tag@digest` lead to none.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_admitted_tag_at_digest_pod_is_warmed_once_by_tag() {
+    use crate::support::ecr_front::EcrFront;
     use crate::support::image::Image;
     use crate::support::registry::Registry;
     let moto = crate::support::moto::Moto::start().await;
-    let registry = Registry::start(&moto.password()).await;
+    // ECR as the ECR-like stand-in, importing from an upstream standing in for Docker Hub.
+    let ecr = Registry::start(&moto.password()).await;
+    let hub = Registry::start_open().await;
     let pinned = Image::small("wh-pinned");
     let other = Image::small("wh-other");
-    registry
-        .push("docker-hub/library/pinned", "1", &pinned)
-        .await;
-    registry.push("docker-hub/library/other", "1", &other).await;
-    registry.clear_requests();
+    hub.push("library/pinned", "1", &pinned).await;
+    hub.push("library/other", "1", &other).await;
+    let front = EcrFront::with_upstreams(&ecr, &[("docker-hub", &hub)]).await;
     let dir = tempfile::tempdir().unwrap();
     // One worker: warms run in queue order, so once a later one is done, an earlier one that
     // was queued is done too.
     let (_webhook, port, ops_port) = spawn_warming_webhook(
         dir.path(),
         &moto,
-        &registry.base_url(),
+        &front.base_url(),
         "mode = \"warm\"\nwarm_workers = 1\n",
         "response_headers = \"10s\"",
     )
@@ -1033,7 +1034,22 @@ async fn an_admitted_tag_at_digest_pod_is_warmed_once_by_tag() {
     assert_eq!(warms(ops_port, "queued").await, 1.0);
     wait_for_warms(ops_port, "warmed", 1.0).await;
     let tag = "/v2/docker-hub/library/pinned/manifests/1";
-    assert_eq!(registry.wait_for_request("GET", tag).await, 200);
+    let warm = front.wait_for_ecr("GET", tag).await;
+    assert_eq!(
+        (warm.status, warm.tag_check.as_deref()),
+        (Some(200), Some("imported")),
+        "{}",
+        front.log_text()
+    );
+    // Then ECR serves the pinned digest, which the pod's pull asks for.
+    let by_digest = format!(
+        "/v2/docker-hub/library/pinned/manifests/{}",
+        pinned.digest()
+    );
+    assert_eq!(
+        front.wait_for_ecr("GET", &by_digest).await.status,
+        Some(200)
+    );
 
     // The same image again (another pod of the Deployment): nothing queued.
     admit(port, &ca, &pod_review("warm-2", &[&image])).await;
@@ -1042,23 +1058,27 @@ async fn an_admitted_tag_at_digest_pod_is_warmed_once_by_tag() {
     let second = format!("other:1@{}", other.digest());
     admit(port, &ca, &pod_review("warm-3", &[&second])).await;
     wait_for_warms(ops_port, "warmed", 2.0).await;
-    registry
-        .wait_for_request("GET", "/v2/docker-hub/library/other/manifests/1")
+    front
+        .wait_for_ecr("GET", "/v2/docker-hub/library/other/manifests/1")
         .await;
-    let tag_gets = registry
-        .requests()
-        .iter()
-        .filter(|(m, u, _)| m == "GET" && u == tag)
-        .count();
-    assert_eq!(tag_gets, 1, "{:?}", registry.paths_seen());
+    let seen: Vec<(String, String)> = front
+        .ecr_requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    let tag_gets = seen.iter().filter(|(m, p)| m == "GET" && p == tag).count();
+    assert_eq!(tag_gets, 1, "{seen:?}");
+    assert_eq!(
+        front.imports(),
+        ["docker-hub/library/pinned:1", "docker-hub/library/other:1"],
+        "{}",
+        front.log_text()
+    );
     // Nothing for the other images, and never a blob.
     assert!(
-        registry
-            .paths_seen()
-            .iter()
-            .all(|p| p.contains("/pinned/manifests/") || p.contains("/other/manifests/")),
-        "{:?}",
-        registry.paths_seen()
+        seen.iter()
+            .all(|(_, p)| p.contains("/pinned/manifests/") || p.contains("/other/manifests/")),
+        "{seen:?}"
     );
     assert_eq!(warms(ops_port, "failed").await, 0.0);
     assert_eq!(warms(ops_port, "dropped").await, 0.0);
