@@ -352,7 +352,7 @@ fn run_node(
 }
 
 /// The region the webhook's ECR host is in when `ecr.region` is unset: the environment's, with
-/// no IMDS or profile lookup (the webhook runs without an AWS identity).
+/// no IMDS or profile lookup (without warming the webhook runs without an AWS identity).
 fn env_region() -> Option<String> {
     ["AWS_REGION", "AWS_DEFAULT_REGION"]
         .iter()
@@ -361,6 +361,8 @@ fn env_region() -> Option<String> {
 
 fn run_webhook(config: Config) -> anyhow::Result<bool> {
     use pullthrough::webhook::WebhookServer;
+    // One crypto provider for every TLS client in the process (the AWS SDK's, when warming).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let own_namespace = std::env::var("POD_NAMESPACE")
         .ok()
         .filter(|v| !v.is_empty());
@@ -377,6 +379,7 @@ fn run_webhook(config: Config) -> anyhow::Result<bool> {
             listen = %w.listen,
             ops_listen = %w.ops_listen,
             mode = w.mode.as_str(),
+            warm = w.warm,
             namespace = own_namespace.as_deref().unwrap_or("-"),
             "webhook listening"
         );

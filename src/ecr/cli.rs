@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::setup::{Action, Target};
-use super::{EcrOpsError, aws, check, cleanup, setup, warm};
+use super::{EcrOpsError, aws, check, cleanup, pods, setup, warm};
 use crate::config::Config;
 use crate::mirror::forward::Forwarder;
 use crate::mirror::metrics::Metrics;
@@ -43,7 +43,8 @@ pub enum EcrCommand {
         pull: Vec<String>,
     },
     /// Fetch images' manifests by tag through ECR (and every platform manifest of an index), so
-    /// that ECR caches them before a digest-pinned pod needs them.
+    /// that ECR caches them before a digest-pinned pod needs them; for `name:tag@digest`, check
+    /// that ECR then serves the digest. Exits 1 if any warm failed or Ctrl-C stopped it.
     Warm {
         /// Config file (TOML).
         #[arg(long, env = "PULLTHROUGH_CONFIG")]
@@ -51,6 +52,11 @@ pub enum EcrCommand {
         /// A file with one image a line (`#` comments allowed).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Warm the images of the pods and workloads in a Kubernetes JSON document, e.g. the
+        /// output of `kubectl get pods -A -o json` (`-` reads stdin). Images on no configured
+        /// upstream, and images pinned by digest alone, are reported and skipped.
+        #[arg(long, value_name = "FILE|-")]
+        from_pods: Option<PathBuf>,
         /// Images fetched at once.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         concurrency: u16,
@@ -106,10 +112,26 @@ pub async fn run(
 ) -> Result<bool, EcrOpsError> {
     // Installed before any slow call, so Ctrl-C during cleanup never kills a delete midway: the
     // first signal stops the listing at once or lets the delete in flight finish (`stop`); a
-    // second one gives up waiting for it (`abort`).
+    // second one gives up waiting for it (`abort`). Warm likewise starts no warm after the
+    // first, lets those in flight end, and drops them on the second; either way it still
+    // prints what was done.
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
-    if matches!(command, EcrCommand::Cleanup { .. }) {
+    // Warm's input is read before the handlers take over Ctrl-C, so an interrupted read of
+    // stdin ends the process as any program's would.
+    let warm_input = match &command {
+        EcrCommand::Warm {
+            file,
+            from_pods,
+            images,
+            ..
+        } => Some(warm_input(images, file.as_deref(), from_pods.as_deref())?),
+        _ => None,
+    };
+    if matches!(
+        command,
+        EcrCommand::Cleanup { .. } | EcrCommand::Warm { .. }
+    ) {
         watch_signals(stop.clone(), abort.clone()).map_err(|e| EcrOpsError::Api {
             op: "signal handlers",
             message: e.to_string(),
@@ -130,37 +152,37 @@ pub async fn run(
             out.write_all(check::render(&checks).as_bytes())?;
             Ok(!checks.iter().any(|c| c.status == check::Status::Fail))
         }
-        EcrCommand::Warm {
-            file,
-            concurrency,
-            mut images,
-            ..
-        } => {
-            if let Some(f) = file {
-                let text = std::fs::read_to_string(&f).map_err(|e| {
-                    EcrOpsError::Usage(format!("--file {}: cannot read: {e}", f.display()))
-                })?;
-                images.extend(warm::parse_images_file(&text));
-            }
-            if images.is_empty() {
-                return Err(EcrOpsError::Usage(
-                    "name at least one image, or --file with one image a line".into(),
-                ));
-            }
+        EcrCommand::Warm { concurrency, .. } => {
+            let input = warm_input.unwrap_or_default();
+            let jobs = warm::plan(&config.upstreams, &input.named, &input.found);
             let fetcher = fetcher(&config, &client, region.as_deref())?;
-            let bar = progress(images.len() as u64);
+            let bar = progress(jobs.len() as u64);
             let tick = bar.clone();
             let results = warm::warm_all(
                 &fetcher,
-                &config,
-                &images,
+                jobs,
                 usize::from(concurrency),
+                &stop,
+                &abort,
                 move || tick.inc(1),
             )
             .await;
             bar.finish_and_clear();
+            if let Some(header) = &input.header {
+                writeln!(out, "{header}")?;
+            }
             out.write_all(warm::render(&results).as_bytes())?;
-            Ok(results.iter().all(|w| w.result.is_ok()))
+            let interrupted = results
+                .iter()
+                .filter(|w| matches!(w.outcome, warm::Outcome::Interrupted))
+                .count();
+            if interrupted > 0 {
+                return Err(EcrOpsError::Interrupted(format!(
+                    "interrupted: {interrupted} image(s) not warmed (listed above); run it again \
+                     to warm them"
+                )));
+            }
+            Ok(!results.iter().any(warm::Warmed::is_failure))
         }
         EcrCommand::Cleanup {
             prefix,
@@ -184,7 +206,78 @@ pub async fn run(
     }
 }
 
-/// SIGINT/SIGTERM during cleanup: the first cancels `stop`, the second `abort`.
+/// What warm was asked to warm, read before any request.
+#[derive(Debug, Default)]
+struct WarmInput {
+    /// Named on the command line or in `--file`: each must be warmable.
+    named: Vec<String>,
+    /// Found by `--from-pods`: whatever the cluster runs.
+    found: Vec<String>,
+    /// What `--from-pods` read, printed above the report.
+    header: Option<String>,
+}
+
+/// Reads `--file` and `--from-pods` (`-`: stdin). Anything unreadable is a usage error naming
+/// the file (exit 64), before any request.
+fn warm_input(
+    images: &[String],
+    file: Option<&Path>,
+    from_pods: Option<&Path>,
+) -> Result<WarmInput, EcrOpsError> {
+    let mut input = WarmInput {
+        named: images.to_vec(),
+        ..WarmInput::default()
+    };
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| EcrOpsError::Usage(format!("--file {}: cannot read: {e}", f.display())))?;
+        input.named.extend(warm::parse_images_file(&text));
+    }
+    if let Some(p) = from_pods {
+        let stdin = p == Path::new("-");
+        let label = if stdin {
+            "- (stdin)".to_owned()
+        } else {
+            p.display().to_string()
+        };
+        let text = if stdin {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(p)
+        }
+        .map_err(|e| EcrOpsError::Usage(format!("--from-pods {label}: cannot read: {e}")))?;
+        let found = pods::images_from_json(&text)
+            .map_err(|e| EcrOpsError::Usage(format!("--from-pods {label}: {e}")))?;
+        input.header = Some(pods_header(&label, &found));
+        input.found = found.images;
+    } else if input.named.is_empty() {
+        return Err(EcrOpsError::Usage(
+            "name at least one image, or --file with one image a line, or --from-pods".into(),
+        ));
+    }
+    Ok(input)
+}
+
+/// `--from-pods pods.json: 42 objects, 17 images (left out: 3 Service).` Pure.
+fn pods_header(label: &str, found: &pods::Found) -> String {
+    let mut s = format!(
+        "--from-pods {label}: {} object(s) with a pod spec, {} image(s)",
+        found.objects,
+        found.images.len()
+    );
+    if !found.ignored.is_empty() {
+        let kinds: Vec<String> = found
+            .ignored
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        s.push_str(&format!(" (left out, no pod spec: {})", kinds.join(", ")));
+    }
+    s.push('.');
+    s
+}
+
+/// SIGINT/SIGTERM during cleanup and warm: the first cancels `stop`, the second `abort`.
 fn watch_signals(stop: CancellationToken, abort: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;

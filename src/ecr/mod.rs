@@ -10,14 +10,16 @@
 //!   diff-like rendering;
 //! - [`policy`]: merging pullthrough's registry-policy statement, and checking coverage (pure);
 //! - [`aws`]: reading the observed state, applying a plan, mapping SDK errors to clear messages;
-//! - [`check`]: the health report; [`warm`]: manifest GETs by tag through ECR;
-//!   [`cleanup`]: listing and deleting cached repositories under a prefix;
+//! - [`check`]: the health report; [`warm`]: manifest GETs by tag through ECR (the webhook
+//!   warms with it too); [`pods`]: the images a Kubernetes JSON document names, for
+//!   `warm --from-pods`; [`cleanup`]: listing and deleting cached repositories under a prefix;
 //! - [`cli`]: the clap subcommands and the runner `main.rs` calls.
 
 pub mod aws;
 pub mod check;
 pub mod cleanup;
 pub mod cli;
+pub mod pods;
 pub mod policy;
 pub mod settings;
 pub mod setup;

@@ -1,11 +1,20 @@
 //! `pullthrough ecr warm`: fetch images' manifests **by tag** through the ECR pull-through
-//! path, and every platform manifest of an index, so that ECR imports them.
+//! path, and every platform manifest of an index, so that ECR imports them; for an image pinned
+//! as `name:tag@digest`, then check that ECR now serves that digest.
 //!
 //! Why: ECR fills its cache only from a pull by tag. A workload pinned by digest misses the
 //! cache until something has pulled its tag once; warm is that something. It uses the mirror's
 //! own pieces: [`crate::oci::reference`] to normalize the image, [`crate::mirror::map`] for the ECR
-//! repository, [`crate::mirror::token`] for the token and [`crate::mirror::forward`] for the HTTP client.
+//! repository, [`crate::mirror::token`] for the token and [`crate::mirror::forward`] for the HTTP
+//! client. The webhook warms with the same [`warm_image`] at admission.
+//!
+//! What to do with each image is decided first, with no IO ([`classify`], [`plan`]); the
+//! requests follow ([`warm_all`]), and the report is pure again ([`render`]). Images named on the
+//! command line are held to what they promise (one that cannot be warmed is a failure); images
+//! found in pods ([`super::pods`]) are whatever the cluster runs, so one on no configured
+//! upstream, or pinned by digest alone, is reported and skipped.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +23,10 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::config::upstreams::Upstream;
 use crate::mirror::forward::{ForwardError, Forwarder};
 use crate::mirror::token::{TokenCache, TokenError};
 use crate::oci::RegistryHost;
@@ -62,47 +73,170 @@ pub enum WarmError {
     /// Neither config nor the token names the registry endpoint.
     #[error("no ECR registry endpoint: set ecr.account (and a region) or ecr.endpoint")]
     NoEndpoint,
+    /// The tag points at the pinned digest and was fetched, but ECR does not serve that digest.
+    #[error("the tag was fetched, but ECR does not serve the pinned {digest}: {source}")]
+    Pinned {
+        /// The pinned digest.
+        digest: String,
+        /// The digest request's failure.
+        source: Box<WarmError>,
+    },
+}
+
+impl WarmError {
+    /// Whether ECR answered that it does not have the manifest.
+    fn is_not_found(&self) -> bool {
+        matches!(self, WarmError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
 }
 
 /// An image, resolved to what warm fetches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct WarmTarget {
-    /// The normalized reference, e.g. `docker.io/library/alpine:3.19`.
+    /// The normalized reference, e.g. `docker.io/library/alpine:3.19` (with `@digest` if pinned).
     pub image: String,
     /// The ECR repository, e.g. `docker-hub/library/alpine`.
     pub repository: String,
     /// The tag to fetch.
     pub tag: String,
-    /// The digest of `image:tag@digest`, which the tag should still point at.
+    /// The digest of `image:tag@digest`, which should resolve in ECR once the tag is warmed.
     pub pinned: Option<String>,
 }
 
-/// Resolves `image` against the configured upstreams. Pure.
-pub fn target(config: &Config, image: &str) -> Result<WarmTarget, WarmError> {
-    let r = Reference::parse(image)
-        .map_err(|e| WarmError::Image(format!("{image:?} is not an image reference: {e}")))?;
-    let registry = RegistryHost::parse(r.registry())
-        .filter(|reg| config.upstreams.contains_key(reg))
-        .ok_or_else(|| {
-            WarmError::Image(format!(
-                "{} is not a configured upstream, so it has no pull-through prefix",
-                r.registry()
-            ))
-        })?;
-    let Some(tag) = r.tag() else {
-        return Err(WarmError::Image(format!(
-            "{image:?} has a digest but no tag: ECR fills its cache only from a pull by tag"
-        )));
+/// What warm can do with an image, decided from the reference and the upstreams alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class {
+    /// Fetch this tag through ECR (and check the pinned digest, if any).
+    Warm(WarmTarget),
+    /// `name@digest`: there is no tag, and ECR imports only by tag.
+    NoTag,
+    /// The registry (named here) is not a configured upstream, so it has no pull-through prefix.
+    NotUpstream(String),
+    /// Not an image reference, or one ECR could not hold (the reason).
+    Invalid(String),
+}
+
+impl Class {
+    /// Why an image that is not [`Class::Warm`] is not warmed; `None` for `Warm`.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Class::Warm(_) => None,
+            Class::NoTag => {
+                Some("no tag to import by: ECR fills its cache only from a pull by tag".into())
+            }
+            Class::NotUpstream(registry) => Some(format!(
+                "{registry} is not a configured upstream, so it has no pull-through prefix"
+            )),
+            Class::Invalid(why) => Some(why.clone()),
+        }
+    }
+}
+
+/// Resolves `image` against `upstreams`. Returns the name to report it by (the normalized
+/// reference, or `image` as written when it does not parse) and what warm can do with it. Pure.
+pub fn classify(upstreams: &BTreeMap<RegistryHost, Upstream>, image: &str) -> (String, Class) {
+    let r = match Reference::parse(image) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                image.to_owned(),
+                Class::Invalid(format!("{image:?} is not an image reference: {e}")),
+            );
+        }
     };
-    let upstream = &config.upstreams[&registry];
-    let repository = crate::mirror::map::ecr_repository(&registry, r.repository(), upstream)
-        .map_err(|e| WarmError::Image(e.to_string()))?;
-    Ok(WarmTarget {
-        image: format!("{}/{}:{tag}", r.registry(), r.repository()),
-        repository,
-        tag: tag.to_owned(),
-        pinned: r.digest().map(str::to_owned),
-    })
+    let name = r.to_string();
+    let Some((registry, upstream)) =
+        RegistryHost::parse(r.registry()).and_then(|reg| upstreams.get(&reg).map(|u| (reg, u)))
+    else {
+        return (name, Class::NotUpstream(r.registry().to_owned()));
+    };
+    let Some(tag) = r.tag() else {
+        return (name, Class::NoTag);
+    };
+    match crate::mirror::map::ecr_repository(&registry, r.repository(), upstream) {
+        Ok(repository) => (
+            name.clone(),
+            Class::Warm(WarmTarget {
+                image: name,
+                repository,
+                tag: tag.to_owned(),
+                pinned: r.digest().map(str::to_owned),
+            }),
+        ),
+        Err(e) => (name, Class::Invalid(e.to_string())),
+    }
+}
+
+/// Resolves `image` against the configured upstreams, or says why it cannot be warmed. Pure.
+pub fn target(config: &Config, image: &str) -> Result<WarmTarget, WarmError> {
+    match classify(&config.upstreams, image) {
+        (_, Class::Warm(t)) => Ok(t),
+        (_, Class::NoTag) => Err(WarmError::Image(format!(
+            "{image:?} has a digest but no tag: ECR fills its cache only from a pull by tag"
+        ))),
+        (_, other) => Err(WarmError::Image(other.reason().unwrap_or_default())),
+    }
+}
+
+/// One image to report on, and what to do with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// The normalized reference (as written when it does not parse).
+    pub image: String,
+    /// What to do.
+    pub action: Action,
+}
+
+/// What [`warm_all`] does for a [`Job`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Warm the tag.
+    Warm(WarmTarget),
+    /// Report and move on (an image found in pods that cannot be warmed): the reason.
+    Skip(String),
+    /// Report as failed (an image named on the command line that cannot be warmed): the reason.
+    Fail(String),
+}
+
+/// The jobs for images `named` on the command line (or in `--file`) and images `found` in pods:
+/// each image once, by its normalized reference, in the order first seen, named ones first. A
+/// named image that cannot be warmed fails; a found one is skipped. Pure.
+pub fn plan(
+    upstreams: &BTreeMap<RegistryHost, Upstream>,
+    named: &[String],
+    found: &[String],
+) -> Vec<Job> {
+    let mut seen = BTreeSet::new();
+    let mut jobs = Vec::new();
+    let sources = named
+        .iter()
+        .map(|i| (i, true))
+        .chain(found.iter().map(|i| (i, false)));
+    for (image, strict) in sources {
+        let (name, class) = classify(upstreams, image.trim());
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let action = match class {
+            Class::Warm(t) => Action::Warm(t),
+            Class::NoTag if strict => Action::Fail(format!(
+                "{image:?} has a digest but no tag: ECR fills its cache only from a pull by tag"
+            )),
+            other => {
+                let why = other.reason().unwrap_or_default();
+                if strict {
+                    Action::Fail(why)
+                } else {
+                    Action::Skip(why)
+                }
+            }
+        };
+        jobs.push(Job {
+            image: name,
+            action,
+        });
+    }
+    jobs
 }
 
 /// One manifest fetched.
@@ -226,106 +360,200 @@ pub fn children(media_type: &str, body: &Bytes) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What became of a pinned digest once its tag was warmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pinned {
+    /// The tag (or its index) points at it, and ECR serves it.
+    Cached,
+    /// The tag moved on to the digest named here, but ECR still holds the pinned one (cached
+    /// before the tag moved).
+    StillCached(String),
+    /// The tag moved on to the digest named here, and ECR does not hold the pinned one: it cannot
+    /// enter the cache by tag any more.
+    Uncacheable(String),
+}
+
 /// The outcome for one image.
 #[derive(Debug)]
+pub enum Outcome {
+    /// The tag and every platform manifest of its index were fetched.
+    Warmed {
+        /// Platform manifests of an index (0 for a single manifest).
+        children: usize,
+        /// For `name:tag@digest`: what became of the digest.
+        pinned: Option<Pinned>,
+    },
+    /// Not warmed, and not a failure (found in pods, but not warmable): why.
+    Skipped(String),
+    /// The first failure.
+    Failed(WarmError),
+    /// Not warmed because of Ctrl-C (not started, or stopped by a second one).
+    Interrupted,
+}
+
+/// One image's row of the report.
+#[derive(Debug)]
 pub struct Warmed {
-    /// What was asked for (normalized when it parsed).
+    /// The normalized reference (as written when it does not parse).
     pub image: String,
     /// The ECR repository, when the image resolved.
     pub repository: Option<String>,
-    /// Manifests fetched (the tag's, plus one per child).
+    /// Manifests fetched (the tag's, one per child, and the pinned digest's).
     pub manifests: usize,
     /// Time to first byte of the tag's manifest.
     pub ttfb: Option<Duration>,
-    /// `Ok(children)` or the first failure.
-    pub result: Result<usize, WarmError>,
-    /// Something to know although it worked (a pinned digest the tag no longer points at).
-    pub warning: Option<String>,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+impl Warmed {
+    fn not_warmed(image: String, repository: Option<String>, outcome: Outcome) -> Warmed {
+        Warmed {
+            image,
+            repository,
+            manifests: 0,
+            ttfb: None,
+            outcome,
+        }
+    }
+
+    /// Whether this row makes the command exit 1: a failure, or not done because of Ctrl-C.
+    pub fn is_failure(&self) -> bool {
+        matches!(self.outcome, Outcome::Failed(_) | Outcome::Interrupted)
+    }
 }
 
 /// Warms one image: its tag, then every child manifest by digest (ECR serves them from the
-/// index it has just imported).
-pub async fn warm_one(fetcher: &Fetcher, t: &WarmTarget) -> Warmed {
-    let mut w = Warmed {
-        image: t.image.clone(),
-        repository: Some(t.repository.clone()),
-        manifests: 0,
-        ttfb: None,
-        result: Ok(0),
-        warning: None,
-    };
+/// index it has just imported), then, for `name:tag@digest`, the pinned digest (unless it was
+/// one of the children, already fetched).
+pub async fn warm_image(fetcher: &Fetcher, t: &WarmTarget) -> Warmed {
+    let mut w = Warmed::not_warmed(
+        t.image.clone(),
+        Some(t.repository.clone()),
+        Outcome::Interrupted,
+    );
     let root = match fetcher.manifest(&t.repository, &t.tag).await {
         Ok(f) => f,
         Err(e) => {
-            w.result = Err(e);
+            w.outcome = Outcome::Failed(e);
             return w;
         }
     };
     w.manifests = 1;
     w.ttfb = Some(root.ttfb);
-    w.warning = pinned_mismatch(t, &root.digest);
     for digest in &root.children {
         if let Err(e) = fetcher.manifest(&t.repository, digest).await {
-            w.result = Err(e);
+            w.outcome = Outcome::Failed(e);
             return w;
         }
         w.manifests += 1;
     }
-    w.result = Ok(root.children.len());
+    let pinned = match t.pinned.as_deref() {
+        None => None,
+        Some(d) if root.children.iter().any(|c| c == d) => Some(Pinned::Cached),
+        Some(d) => {
+            let on_tag = root.digest == d;
+            let by_digest = fetcher.manifest(&t.repository, d).await;
+            if by_digest.is_ok() {
+                w.manifests += 1;
+            }
+            match (on_tag, by_digest) {
+                (true, Ok(_)) => Some(Pinned::Cached),
+                (false, Ok(_)) => Some(Pinned::StillCached(root.digest.clone())),
+                (false, Err(e)) if e.is_not_found() => {
+                    Some(Pinned::Uncacheable(root.digest.clone()))
+                }
+                (true, Err(e)) => {
+                    w.outcome = Outcome::Failed(WarmError::Pinned {
+                        digest: d.to_owned(),
+                        source: Box::new(e),
+                    });
+                    return w;
+                }
+                (false, Err(e)) => {
+                    w.outcome = Outcome::Failed(e);
+                    return w;
+                }
+            }
+        }
+    };
+    w.outcome = Outcome::Warmed {
+        children: root.children.len(),
+        pinned,
+    };
     w
 }
 
-/// Warm fills the cache by tag; a pod pinned to `tag@digest` pulls the digest. When the tag has
-/// moved on, warming it does not cache what the pod will pull. Pure.
-pub fn pinned_mismatch(t: &WarmTarget, tag_digest: &str) -> Option<String> {
-    let pinned = t.pinned.as_deref()?;
-    (pinned != tag_digest).then(|| {
-        format!(
-            "{}:{} now points at {tag_digest}, not the pinned {pinned}: the pinned image was not \
-             warmed (ECR caches only what a tag points at)",
-            t.repository, t.tag
-        )
-    })
-}
-
-/// Warms every image, at most `concurrency` at a time, in input order in the result.
-/// `tick` is called as each image finishes (the progress bar).
+/// Runs `jobs`, at most `concurrency` warms at a time, started in order, and returns one row per
+/// job in order. `tick` is called as each job finishes (the progress bar). Once `stop` is
+/// cancelled no warm starts, and those in flight finish; once `abort` is, those in flight are
+/// dropped too. Either way the rows of what did not run say [`Outcome::Interrupted`].
 pub async fn warm_all(
     fetcher: &Fetcher,
-    config: &Config,
-    images: &[String],
+    jobs: Vec<Job>,
     concurrency: usize,
+    stop: &CancellationToken,
+    abort: &CancellationToken,
     tick: impl Fn() + Send + Sync + 'static,
 ) -> Vec<Warmed> {
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let tick = Arc::new(tick);
     let mut set = tokio::task::JoinSet::new();
-    for (i, image) in images.iter().enumerate() {
-        let resolved = target(config, image);
+    let mut out: Vec<Option<Warmed>> = (0..jobs.len()).map(|_| None).collect();
+    let mut images = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.into_iter().enumerate() {
+        images.push((job.image.clone(), repository_of(&job)));
+        let t = match job.action {
+            Action::Skip(why) => {
+                out[i] = Some(Warmed::not_warmed(job.image, None, Outcome::Skipped(why)));
+                tick();
+                continue;
+            }
+            Action::Fail(why) => {
+                out[i] = Some(Warmed::not_warmed(
+                    job.image,
+                    None,
+                    Outcome::Failed(WarmError::Image(why)),
+                ));
+                tick();
+                continue;
+            }
+            Action::Warm(t) => t,
+        };
+        // `biased`: once Ctrl-C has been pressed, a permit freed by a finished warm must not
+        // start another.
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => None,
+            p = Arc::clone(&sem).acquire_owned() => p.ok(),
+        };
+        let Some(permit) = permit else {
+            out[i] = Some(Warmed::not_warmed(
+                t.image.clone(),
+                Some(t.repository.clone()),
+                Outcome::Interrupted,
+            ));
+            tick();
+            continue;
+        };
         let fetcher = fetcher.clone();
-        let sem = Arc::clone(&sem);
         let tick = Arc::clone(&tick);
-        let image = image.clone();
+        let abort = abort.clone();
         set.spawn(async move {
-            let w = match resolved {
-                Err(e) => Warmed {
-                    image,
-                    repository: None,
-                    manifests: 0,
-                    ttfb: None,
-                    result: Err(e),
-                    warning: None,
-                },
-                Ok(t) => {
-                    let _permit = sem.acquire_owned().await;
-                    warm_one(&fetcher, &t).await
-                }
+            let _permit = permit;
+            let w = tokio::select! {
+                biased;
+                () = abort.cancelled() => Warmed::not_warmed(
+                    t.image.clone(),
+                    Some(t.repository.clone()),
+                    Outcome::Interrupted,
+                ),
+                w = warm_image(&fetcher, &t) => w,
             };
             tick();
             (i, w)
         });
     }
-    let mut out: Vec<Option<Warmed>> = (0..images.len()).map(|_| None).collect();
     while let Some(joined) = set.join_next().await {
         if let Ok((i, w)) = joined {
             out[i] = Some(w);
@@ -333,17 +561,23 @@ pub async fn warm_all(
     }
     out.into_iter()
         .zip(images)
-        .map(|(w, image)| {
-            w.unwrap_or_else(|| Warmed {
-                image: image.clone(),
-                repository: None,
-                manifests: 0,
-                ttfb: None,
-                result: Err(WarmError::Image("the warm task failed".into())),
-                warning: None,
+        .map(|(w, (image, repository))| {
+            w.unwrap_or_else(|| {
+                Warmed::not_warmed(
+                    image,
+                    repository,
+                    Outcome::Failed(WarmError::Image("the warm task failed".into())),
+                )
             })
         })
         .collect()
+}
+
+fn repository_of(job: &Job) -> Option<String> {
+    match &job.action {
+        Action::Warm(t) => Some(t.repository.clone()),
+        _ => None,
+    }
 }
 
 /// Parses an images file: one reference a line; blank lines and `#` comments are skipped.
@@ -355,7 +589,39 @@ pub fn parse_images_file(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The summary table.
+/// The RESULT column for one row.
+fn result_text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Warmed { children, pinned } => {
+            let mut s = match children {
+                0 => "ok".to_owned(),
+                n => format!("ok (index, {n} platform manifests)"),
+            };
+            match pinned {
+                None => {}
+                Some(Pinned::Cached) => s.push_str("; pinned digest cached"),
+                Some(Pinned::StillCached(now)) => {
+                    let _ = write!(
+                        s,
+                        "; the tag moved to {now}, the pinned digest is still cached"
+                    );
+                }
+                Some(Pinned::Uncacheable(now)) => {
+                    s = format!(
+                        "TAG MOVED: the tag now points at {now}; the pinned digest is not in ECR \
+                         and cannot enter the cache by tag"
+                    );
+                }
+            }
+            s
+        }
+        Outcome::Skipped(why) => format!("skipped: {why}"),
+        Outcome::Failed(e) => format!("FAILED: {e}"),
+        Outcome::Interrupted => "not warmed: interrupted".to_owned(),
+    }
+}
+
+/// The report: one row per image, then a summary line. Pure.
 pub fn render(results: &[Warmed]) -> String {
     let iw = results
         .iter()
@@ -377,30 +643,50 @@ pub fn render(results: &[Warmed]) -> String {
         let ttfb = w
             .ttfb
             .map_or("-".to_owned(), |d| format!("{}ms", d.as_millis()));
-        let result = match &w.result {
-            Ok(0) => "ok".to_owned(),
-            Ok(n) => format!("ok (index, {n} platform manifests)"),
-            Err(e) => format!("FAILED: {e}"),
-        };
         let _ = writeln!(
             out,
-            "{:<iw$}  {:<rw$}  {:>9}  {:>7}  {result}",
+            "{:<iw$}  {:<rw$}  {:>9}  {:>7}  {}",
             w.image,
             w.repository.as_deref().unwrap_or("-"),
             w.manifests,
-            ttfb
+            ttfb,
+            result_text(&w.outcome)
         );
-        if let Some(warning) = &w.warning {
-            let _ = writeln!(out, "  warning: {warning}");
-        }
     }
-    let ok = results.iter().filter(|w| w.result.is_ok()).count();
-    let _ = writeln!(
+    let count = |f: fn(&Outcome) -> bool| results.iter().filter(|w| f(&w.outcome)).count();
+    let warmed = count(|o| matches!(o, Outcome::Warmed { .. }));
+    let _ = write!(
         out,
-        "{ok} of {} images warmed, {} manifests fetched.",
+        "{warmed} of {} images warmed, {} manifests fetched.",
         results.len(),
         results.iter().map(|w| w.manifests).sum::<usize>()
     );
+    let extras = [
+        (
+            count(|o| {
+                matches!(
+                    o,
+                    Outcome::Warmed {
+                        pinned: Some(Pinned::Uncacheable(_)),
+                        ..
+                    }
+                )
+            }),
+            "pinned digest(s) cannot enter the cache by tag (the tag moved)",
+        ),
+        (count(|o| matches!(o, Outcome::Skipped(_))), "skipped"),
+        (count(|o| matches!(o, Outcome::Failed(_))), "failed"),
+        (
+            count(|o| matches!(o, Outcome::Interrupted)),
+            "not warmed (interrupted)",
+        ),
+    ];
+    for (n, what) in extras {
+        if n > 0 {
+            let _ = write!(out, " {n} {what}.");
+        }
+    }
+    out.push('\n');
     out
 }
 
@@ -410,6 +696,7 @@ mod tests {
     use rstest::rstest;
 
     const SHA_A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const SHA_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
     fn config() -> Config {
         Config::from_toml_str(
@@ -424,7 +711,7 @@ mod tests {
     #[case::implicit_latest("nginx", Ok(("docker.io/library/nginx:latest", "docker-hub/library/nginx", "latest")))]
     #[case::hub_alias("index.docker.io/bitnami/redis:7", Ok(("docker.io/bitnami/redis:7", "docker-hub/bitnami/redis", "7")))]
     #[case::quay_single("quay.io/coreos:1", Ok(("quay.io/coreos:1", "quay/coreos", "1")))]
-    #[case::tag_and_digest(&format!("alpine:3@{SHA_A}"), Ok(("docker.io/library/alpine:3", "docker-hub/library/alpine", "3")))]
+    #[case::tag_and_digest(&format!("alpine:3@{SHA_A}"), Ok((&*format!("docker.io/library/alpine:3@{SHA_A}"), "docker-hub/library/alpine", "3")))]
     #[case::digest_only(&format!("alpine@{SHA_A}"), Err("has a digest but no tag"))]
     #[case::unconfigured("ghcr.io/org/app:1", Err("ghcr.io is not a configured upstream"))]
     #[case::invalid("Alpine:3", Err("is not an image reference"))]
@@ -441,20 +728,96 @@ mod tests {
         }
     }
 
-    const SHA_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    /// What [`classify`] decides, as a short string: `warm repo:tag[@digest]`, `no-tag`,
+    /// `not-upstream REGISTRY` or `invalid`.
+    fn class_label(c: &Class) -> String {
+        match c {
+            Class::Warm(t) => match &t.pinned {
+                Some(d) => format!("warm {}:{}@{}", t.repository, t.tag, &d[7..11]),
+                None => format!("warm {}:{}", t.repository, t.tag),
+            },
+            Class::NoTag => "no-tag".into(),
+            Class::NotUpstream(r) => format!("not-upstream {r}"),
+            Class::Invalid(_) => "invalid".into(),
+        }
+    }
 
     #[rstest]
-    #[case::not_pinned("alpine:3", SHA_A, None)]
-    #[case::pinned_and_current(&format!("alpine:3@{SHA_A}"), SHA_A, None)]
-    #[case::tag_moved(&format!("alpine:3@{SHA_A}"), SHA_B, Some(format!("docker-hub/library/alpine:3 now points at {SHA_B}, not the pinned {SHA_A}: the pinned image was not warmed")))]
-    fn pinned_digests(#[case] image: &str, #[case] tag_digest: &str, #[case] want: Option<String>) {
-        let t = target(&config(), image).unwrap();
-        let got = pinned_mismatch(&t, tag_digest);
-        match (got, want) {
-            (None, None) => {}
-            (Some(g), Some(w)) => assert!(g.starts_with(&w), "{g}"),
-            (g, w) => panic!("got {g:?}, want {w:?}"),
-        }
+    #[case::tag(
+        "nginx:1.27",
+        "docker.io/library/nginx:1.27",
+        "warm docker-hub/library/nginx:1.27"
+    )]
+    #[case::tag_and_digest(&format!("nginx:1.27@{SHA_A}"), &format!("docker.io/library/nginx:1.27@{SHA_A}"), "warm docker-hub/library/nginx:1.27@aaaa")]
+    #[case::digest_only(&format!("nginx@{SHA_A}"), &format!("docker.io/library/nginx@{SHA_A}"), "no-tag")]
+    #[case::digest_only_on_no_upstream(&format!("ghcr.io/a/b@{SHA_A}"), &format!("ghcr.io/a/b@{SHA_A}"), "not-upstream ghcr.io")]
+    #[case::other_registry("ghcr.io/org/app:1", "ghcr.io/org/app:1", "not-upstream ghcr.io")]
+    #[case::registry_with_port(
+        "quay.io:5000/org/app:1",
+        "quay.io:5000/org/app:1",
+        "not-upstream quay.io:5000"
+    )]
+    #[case::quay_default_port("quay.io:443/org/app:1", "quay.io/org/app:1", "warm quay/org/app:1")]
+    #[case::not_a_reference("Nginx:1", "Nginx:1", "invalid")]
+    fn classified(#[case] image: &str, #[case] name: &str, #[case] want: &str) {
+        let (got_name, class) = classify(&config().upstreams, image);
+        assert_eq!(got_name, name);
+        assert_eq!(class_label(&class), want);
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// `(image, action)` with the action as `warm`, `skip: …` or `fail: …` (start of the reason).
+    fn plan_labels(named: &[&str], found: &[&str]) -> Vec<(String, String)> {
+        plan(&config().upstreams, &strings(named), &strings(found))
+            .into_iter()
+            .map(|j| {
+                let a = match j.action {
+                    Action::Warm(_) => "warm".to_owned(),
+                    Action::Skip(w) => format!("skip: {}", &w[..w.len().min(20)]),
+                    Action::Fail(w) => format!("fail: {}", &w[..w.len().min(20)]),
+                };
+                (j.image, a)
+            })
+            .collect()
+    }
+
+    #[rstest]
+    #[case::spellings_of_one_image_dedupe(
+        &[],
+        &["nginx:1.27", "docker.io/library/nginx:1.27", "index.docker.io/nginx:1.27"],
+        &[("docker.io/library/nginx:1.27", "warm")]
+    )]
+    #[case::tag_and_tag_at_digest_are_two_images(
+        &[],
+        &["nginx:1", &*format!("nginx:1@{SHA_A}"), &*format!("nginx:1@{SHA_B}")],
+        &[("docker.io/library/nginx:1", "warm"), (&*format!("docker.io/library/nginx:1@{SHA_A}"), "warm"), (&*format!("docker.io/library/nginx:1@{SHA_B}"), "warm")]
+    )]
+    #[case::found_in_pods_is_skipped_not_failed(
+        &[],
+        &[&*format!("nginx@{SHA_A}"), "ghcr.io/org/app:1", "Bad:1"],
+        &[(&*format!("docker.io/library/nginx@{SHA_A}"), "skip: no tag to import by:"), ("ghcr.io/org/app:1", "skip: ghcr.io is not a con"), ("Bad:1", "skip: \"Bad:1\" is not an im")]
+    )]
+    #[case::named_is_failed(
+        &[&*format!("nginx@{SHA_A}"), "ghcr.io/org/app:1"],
+        &[],
+        &[(&*format!("docker.io/library/nginx@{SHA_A}"), "fail: \"nginx@sha256:aaaaaa"), ("ghcr.io/org/app:1", "fail: ghcr.io is not a con")]
+    )]
+    #[case::named_wins_over_found(
+        &["ghcr.io/org/app:1"],
+        &["ghcr.io/org/app:1", "alpine:3"],
+        &[("ghcr.io/org/app:1", "fail: ghcr.io is not a con"), ("docker.io/library/alpine:3", "warm")]
+    )]
+    #[case::whitespace_trimmed(&[], &[" alpine:3 "], &[("docker.io/library/alpine:3", "warm")])]
+    #[case::nothing(&[], &[], &[])]
+    fn plans(#[case] named: &[&str], #[case] found: &[&str], #[case] want: &[(&str, &str)]) {
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(i, a)| ((*i).to_owned(), (*a).to_owned()))
+            .collect();
+        assert_eq!(plan_labels(named, found), want);
     }
 
     #[rstest]
@@ -492,35 +855,80 @@ mod tests {
         assert_eq!(got, ["alpine:3.19", "nginx:1.27"]);
     }
 
+    fn row(image: &str, repo: Option<&str>, manifests: usize, outcome: Outcome) -> Warmed {
+        Warmed {
+            image: image.into(),
+            repository: repo.map(str::to_owned),
+            manifests,
+            ttfb: (manifests > 0).then(|| Duration::from_millis(42)),
+            outcome,
+        }
+    }
+
+    #[rstest]
+    #[case::single("ok", Outcome::Warmed { children: 0, pinned: None })]
+    #[case::index("ok (index, 2 platform manifests)", Outcome::Warmed { children: 2, pinned: None })]
+    #[case::pinned_cached("ok; pinned digest cached", Outcome::Warmed { children: 0, pinned: Some(Pinned::Cached) })]
+    #[case::tag_moved_but_cached(
+        &format!("ok; the tag moved to {SHA_B}, the pinned digest is still cached"),
+        Outcome::Warmed { children: 0, pinned: Some(Pinned::StillCached(SHA_B.into())) }
+    )]
+    #[case::tag_moved(
+        &format!("TAG MOVED: the tag now points at {SHA_B}; the pinned digest is not in ECR and cannot enter the cache by tag"),
+        Outcome::Warmed { children: 2, pinned: Some(Pinned::Uncacheable(SHA_B.into())) }
+    )]
+    #[case::skipped("skipped: why", Outcome::Skipped("why".into()))]
+    #[case::failed("FAILED: why", Outcome::Failed(WarmError::Image("why".into())))]
+    #[case::interrupted("not warmed: interrupted", Outcome::Interrupted)]
+    fn result_column(#[case] want: &str, #[case] outcome: Outcome) {
+        assert_eq!(result_text(&outcome), want);
+    }
+
     #[test]
-    fn golden_summary() {
+    fn golden_report() {
         let rows = vec![
-            Warmed {
-                image: "docker.io/library/alpine:3.19".into(),
-                repository: Some("docker-hub/library/alpine".into()),
-                manifests: 3,
-                ttfb: Some(Duration::from_millis(42)),
-                result: Ok(2),
-                warning: Some("a warning".into()),
-            },
-            Warmed {
-                image: "ghcr.io/org/app:1".into(),
-                repository: None,
-                manifests: 0,
-                ttfb: None,
-                result: Err(WarmError::Image(
+            row(
+                "docker.io/library/alpine:3.19",
+                Some("docker-hub/library/alpine"),
+                3,
+                Outcome::Warmed {
+                    children: 2,
+                    pinned: None,
+                },
+            ),
+            row(
+                "ghcr.io/org/app:1",
+                None,
+                0,
+                Outcome::Skipped(
                     "ghcr.io is not a configured upstream, so it has no pull-through prefix".into(),
-                )),
-                warning: None,
-            },
+                ),
+            ),
+            row(
+                "quay.io/org/a:1",
+                Some("quay/org/a"),
+                0,
+                Outcome::Failed(WarmError::Image("boom".into())),
+            ),
+            row(
+                "quay.io/org/b:1",
+                Some("quay/org/b"),
+                0,
+                Outcome::Interrupted,
+            ),
         ];
         let want = "\
 IMAGE                          ECR REPOSITORY             MANIFESTS     TTFB  RESULT
 docker.io/library/alpine:3.19  docker-hub/library/alpine          3     42ms  ok (index, 2 platform manifests)
-  warning: a warning
-ghcr.io/org/app:1              -                                  0        -  FAILED: ghcr.io is not a configured upstream, so it has no pull-through prefix
-1 of 2 images warmed, 3 manifests fetched.
+ghcr.io/org/app:1              -                                  0        -  skipped: ghcr.io is not a configured upstream, so it has no pull-through prefix
+quay.io/org/a:1                quay/org/a                         0        -  FAILED: boom
+quay.io/org/b:1                quay/org/b                         0        -  not warmed: interrupted
+1 of 4 images warmed, 3 manifests fetched. 1 skipped. 1 failed. 1 not warmed (interrupted).
 ";
         assert_eq!(render(&rows), want, "got:\n{}", render(&rows));
+        assert_eq!(
+            rows.iter().map(Warmed::is_failure).collect::<Vec<_>>(),
+            [false, false, true, true]
+        );
     }
 }

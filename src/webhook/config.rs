@@ -1,5 +1,5 @@
-//! `[webhook]`: the admission webhook's listeners, certificate files and rewrite policy, raw as
-//! written and validated, with errors naming file, line and key like the rest of
+//! `[webhook]`: the admission webhook's listeners, certificate files, rewrite policy and cache
+//! warming, raw as written and validated, with errors naming file, line and key like the rest of
 //! [`crate::config`]. `pullthrough rewrite` reads the same policy, so what it prints is what the
 //! webhook does.
 //!
@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -29,6 +30,20 @@ pub const DEFAULT_KEY_FILE: &str = "/etc/pullthrough/webhook-tls/tls.key";
 pub const DEFAULT_ANNOTATION: &str = "pullthrough.io/original-images";
 /// Namespaces skipped by default; the webhook's own namespace is always skipped as well.
 pub const DEFAULT_SKIP_NAMESPACES: &[&str] = &["kube-system"];
+/// Default time an (image, tag) warmed at admission is not warmed again: a Deployment's
+/// replicas, and its restarts, all come with the same image, and ECR re-checks a cached tag
+/// upstream at most once a day anyway.
+pub const DEFAULT_WARM_DEDUPE: Duration = Duration::from_secs(3600);
+/// Default number of warms waiting for a worker. Each is a few hundred bytes; a burst larger
+/// than this (a whole cluster's rollout) drops the rest, which the next admission retries.
+pub const DEFAULT_WARM_QUEUE: usize = 1024;
+/// Largest `webhook.warm_queue`.
+pub const MAX_WARM_QUEUE: usize = 1 << 20;
+/// Default number of warms at once. A warm is a few manifest GETs, each answered by ECR once it
+/// has imported the image; four keep a burst moving without a storm of imports.
+pub const DEFAULT_WARM_WORKERS: usize = 4;
+/// Largest `webhook.warm_workers`.
+pub const MAX_WARM_WORKERS: usize = 64;
 
 /// `[webhook]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +58,10 @@ pub struct RawWebhook {
     exclude: Option<Vec<Spanned<String>>>,
     annotation: Option<Spanned<String>>,
     digest_refs: Option<Spanned<String>>,
+    warm: Option<Spanned<bool>>,
+    warm_dedupe: Option<Spanned<String>>,
+    warm_queue: Option<Spanned<i64>>,
+    warm_workers: Option<Spanned<i64>>,
 }
 
 /// What the webhook does with the rewrites it decides.
@@ -53,6 +72,8 @@ pub enum Mode {
     Enforce,
     /// Patch nothing but an annotation saying what would change.
     DryRun,
+    /// Patch nothing at all; only warm the cache for `name:tag@digest` images.
+    Warm,
 }
 
 impl Mode {
@@ -61,6 +82,7 @@ impl Mode {
         match self {
             Mode::Enforce => "enforce",
             Mode::DryRun => "dry-run",
+            Mode::Warm => "warm",
         }
     }
 }
@@ -110,6 +132,15 @@ pub struct WebhookConfig {
     pub annotation: String,
     /// References with a digest: keep (default) or rewrite.
     pub digest_refs: DigestRefs,
+    /// Whether admitted `name:tag@digest` images are warmed by tag: `webhook.warm`, always on in
+    /// warm mode.
+    pub warm: bool,
+    /// How long an (image, tag) once queued is not queued again.
+    pub warm_dedupe: Duration,
+    /// Warms waiting for a worker; more are dropped.
+    pub warm_queue: usize,
+    /// Warms at once.
+    pub warm_workers: usize,
 }
 
 /// Validates `[webhook]`.
@@ -151,11 +182,12 @@ pub(crate) fn validate(raw: &RawWebhook, at: Locator<'_>) -> Result<WebhookConfi
         Some(s) => match s.get_ref().as_str() {
             "enforce" => Mode::Enforce,
             "dry-run" => Mode::DryRun,
+            "warm" => Mode::Warm,
             other => {
                 return Err(at.err(
                     &s.span(),
                     "webhook.mode",
-                    format!("{other:?} is not a mode: use \"enforce\" or \"dry-run\""),
+                    format!("{other:?} is not a mode: use \"enforce\", \"dry-run\" or \"warm\""),
                 ));
             }
         },
@@ -227,6 +259,54 @@ pub(crate) fn validate(raw: &RawWebhook, at: Locator<'_>) -> Result<WebhookConfi
         })?,
     };
 
+    // Warming needs an AWS identity the webhook otherwise does without, so only warm mode
+    // turns it on by itself (docs/webhook.md says why).
+    let warm = match &raw.warm {
+        None => mode == Mode::Warm,
+        Some(w) if !*w.get_ref() && mode == Mode::Warm => {
+            return Err(at.err(
+                &w.span(),
+                "webhook.warm",
+                "mode = \"warm\" only warms: remove `warm = false`, or choose another mode",
+            ));
+        }
+        Some(w) => *w.get_ref(),
+    };
+    let warm_dedupe =
+        at.positive_duration(&raw.warm_dedupe, "webhook.warm_dedupe", DEFAULT_WARM_DEDUPE)?;
+    let count = |v: &Option<Spanned<i64>>, key: &str, default: usize, max: usize, what: &str| {
+        let Some(n) = v else {
+            return Ok(default);
+        };
+        usize::try_from(*n.get_ref())
+            .ok()
+            .filter(|x| (1..=max).contains(x))
+            .ok_or_else(|| {
+                at.err(
+                    &n.span(),
+                    key,
+                    format!(
+                        "{} is not {what} from 1 to {max}, e.g. {default}",
+                        n.get_ref()
+                    ),
+                )
+            })
+    };
+    let warm_queue = count(
+        &raw.warm_queue,
+        "webhook.warm_queue",
+        DEFAULT_WARM_QUEUE,
+        MAX_WARM_QUEUE,
+        "a queue length",
+    )?;
+    let warm_workers = count(
+        &raw.warm_workers,
+        "webhook.warm_workers",
+        DEFAULT_WARM_WORKERS,
+        MAX_WARM_WORKERS,
+        "a number of workers",
+    )?;
+
     Ok(WebhookConfig {
         listen,
         ops_listen,
@@ -238,6 +318,10 @@ pub(crate) fn validate(raw: &RawWebhook, at: Locator<'_>) -> Result<WebhookConfi
         exclude,
         annotation,
         digest_refs,
+        warm,
+        warm_dedupe,
+        warm_queue,
+        warm_workers,
     })
 }
 
@@ -293,6 +377,21 @@ mod tests {
         assert_eq!(w.annotation, DEFAULT_ANNOTATION);
         assert!(w.skip_namespaces.contains("kube-system"));
         assert!(w.exclude.is_empty());
+        assert!(!w.warm);
+        assert_eq!(w.warm_dedupe, DEFAULT_WARM_DEDUPE);
+        assert_eq!(w.warm_queue, DEFAULT_WARM_QUEUE);
+        assert_eq!(w.warm_workers, DEFAULT_WARM_WORKERS);
+    }
+
+    #[rstest]
+    #[case::default_is_off("", Mode::Enforce, false)]
+    #[case::on_in_enforce("warm = true\n", Mode::Enforce, true)]
+    #[case::on_in_dry_run("mode = \"dry-run\"\nwarm = true\n", Mode::DryRun, true)]
+    #[case::warm_mode_implies_it("mode = \"warm\"\n", Mode::Warm, true)]
+    #[case::warm_mode_and_said_so("mode = \"warm\"\nwarm = true\n", Mode::Warm, true)]
+    fn warming(#[case] keys: &str, #[case] mode: Mode, #[case] warm: bool) {
+        let w = load(&format!("[webhook]\n{keys}")).unwrap().webhook;
+        assert_eq!((w.mode, w.warm), (mode, warm));
     }
 
     #[test]
@@ -309,6 +408,10 @@ skip_namespaces = ["kube-system", "monitoring"]
 exclude = ["docker.io/acme/*", "quay.io/*:debug"]
 annotation = "example.com/originals"
 digest_refs = "rewrite"
+warm = true
+warm_dedupe = "10m"
+warm_queue = 64
+warm_workers = 2
 "#,
         )
         .unwrap()
@@ -320,6 +423,10 @@ digest_refs = "rewrite"
         assert_eq!(w.exclude[1].as_str(), "quay.io/*:debug");
         assert_eq!(w.annotation, "example.com/originals");
         assert_eq!(w.digest_refs, DigestRefs::Rewrite);
+        assert!(w.warm);
+        assert_eq!(w.warm_dedupe, Duration::from_secs(600));
+        assert_eq!(w.warm_queue, 64);
+        assert_eq!(w.warm_workers, 2);
         let err = w.cert_origin.0.error("unreadable").to_string();
         assert_eq!(err, "pullthrough.toml:5: webhook.cert_file: unreadable");
     }
@@ -360,6 +467,30 @@ digest_refs = "rewrite"
     #[case::empty_cert(
         "[webhook]\ncert_file = \"\"\n",
         "pullthrough.toml:2: webhook.cert_file: must not be empty"
+    )]
+    #[case::warm_mode_without_warming(
+        "[webhook]\nmode = \"warm\"\nwarm = false\n",
+        "pullthrough.toml:3: webhook.warm: mode = \"warm\" only warms"
+    )]
+    #[case::warm_not_a_bool(
+        "[webhook]\nwarm = \"yes\"\n",
+        "pullthrough.toml:2: webhook.warm: invalid type: string \"yes\", expected a boolean"
+    )]
+    #[case::zero_dedupe(
+        "[webhook]\nwarm_dedupe = \"0s\"\n",
+        "pullthrough.toml:2: webhook.warm_dedupe: \"0s\" is not a positive duration, e.g. \"1h\""
+    )]
+    #[case::zero_queue(
+        "[webhook]\nwarm_queue = 0\n",
+        "pullthrough.toml:2: webhook.warm_queue: 0 is not a queue length from 1 to 1048576"
+    )]
+    #[case::negative_queue(
+        "[webhook]\nwarm_queue = -1\n",
+        "pullthrough.toml:2: webhook.warm_queue: -1 is not a queue length"
+    )]
+    #[case::too_many_workers(
+        "[webhook]\nwarm_workers = 65\n",
+        "pullthrough.toml:2: webhook.warm_workers: 65 is not a number of workers from 1 to 64, e.g. 4"
     )]
     #[case::wrong_type(
         "[webhook]\nexclude = \"docker.io/*\"\n",

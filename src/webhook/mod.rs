@@ -1,14 +1,17 @@
 //! The optional mutating admission webhook (`pullthrough webhook`): it rewrites pod images to
-//! the same ECR pull-through paths the node mirror uses, so the rewrite is visible in pod specs.
+//! the same ECR pull-through paths the node mirror uses, so the rewrite is visible in pod specs,
+//! and, when asked to, warms ECR's cache for the digest-pinned images of admitted pods.
 //!
 //! - [`config`]: the `[webhook]` section;
 //! - [`mutate`]: the pure decision, `AdmissionReview` in, `AdmissionReview` out;
+//! - [`warm`]: the admitted `name:tag@digest` images warmed by tag in the background;
 //! - [`tls`]: the server certificate, reloaded when cert-manager renews it;
 //! - [`explain`]: `pullthrough rewrite`, the same decision for images named on the command line.
 //!
 //! This module wires them: HTTPS (rustls, TLS 1.2+) on `webhook.listen` serving `POST /mutate`,
 //! and plain HTTP on `webhook.ops_listen` for `/healthz`, `/readyz` and `/metrics`, both through
-//! [`crate::server`]'s drain-on-shutdown loop. The webhook needs no AWS credentials and no
+//! [`crate::server`]'s drain-on-shutdown loop. Without warming the webhook needs no AWS
+//! credentials; with it, it needs an identity for the token and the pulls. It never needs
 //! Kubernetes API access: the ECR host comes from config, namespace labels are matched by the
 //! API server through the `MutatingWebhookConfiguration`'s selectors.
 
@@ -17,6 +20,7 @@ pub mod explain;
 pub mod mutate;
 pub mod rewrite;
 pub mod tls;
+pub mod warm;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -45,6 +49,7 @@ use crate::server::{self, BoxFuture, Handler};
 use crate::webhook::mutate::{Decision, Mutation, Policy};
 use crate::webhook::rewrite::Rules;
 use crate::webhook::tls::{ReloadCounters, ReloadingCert, TlsError};
+use crate::webhook::warm::{WarmCounters, WarmQueue, WarmWorkers};
 
 /// Largest request body read. An `AdmissionReview` holds the pod twice (object and oldObject),
 /// and etcd stores objects up to 1.5 MiB.
@@ -72,12 +77,18 @@ pub enum WebhookError {
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Cache warming cannot be set up (the HTTP client for ECR, e.g. `ecr.ca_file`).
+    #[error("cache warming: {0}")]
+    Warm(String),
 }
 
 impl WebhookError {
     /// Whether this is a config problem (exit 64) rather than a run-time failure.
     pub fn is_usage(&self) -> bool {
-        matches!(self, WebhookError::Config(_) | WebhookError::NoRegistry)
+        matches!(
+            self,
+            WebhookError::Config(_) | WebhookError::NoRegistry | WebhookError::Warm(_)
+        )
     }
 }
 
@@ -147,6 +158,8 @@ pub struct WebhookMetrics {
     pub latency: Histogram,
     /// Certificate reloads.
     pub cert: ReloadCounters,
+    /// Cache warms offered at admission, by result.
+    pub warms: WarmCounters,
 }
 
 impl WebhookMetrics {
@@ -158,7 +171,9 @@ impl WebhookMetrics {
             images: Family::default(),
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             cert: ReloadCounters::default(),
+            warms: WarmCounters::default(),
         };
+        m.warms.init();
         let mut r = MetricsRegistry::with_prefix("pullthrough_webhook");
         r.register(
             "requests",
@@ -189,6 +204,12 @@ impl WebhookMetrics {
             "cert_not_after_timestamp_seconds",
             "When the certificate in use expires (Unix seconds)",
             m.cert.not_after.clone(),
+        );
+        r.register(
+            "warms",
+            "Cache warms of admitted name:tag@digest images: queued, then warmed or failed; \
+             dropped when the queue was full",
+            m.warms.0.clone(),
         );
         r.register(
             "cert_reload_errors",
@@ -233,6 +254,7 @@ pub struct Webhook {
     policy: Arc<Policy>,
     mode: config::Mode,
     metrics: WebhookMetrics,
+    warm: Option<WarmQueue>,
 }
 
 impl Webhook {
@@ -242,7 +264,14 @@ impl Webhook {
             mode: policy.mode,
             policy: Arc::new(policy),
             metrics,
+            warm: None,
         }
+    }
+
+    /// Also offers the admitted pods' `name:tag@digest` images to `queue`.
+    pub fn with_warming(mut self, queue: WarmQueue) -> Self {
+        self.warm = Some(queue);
+        self
     }
 
     /// Answers one request. Never a 5xx: 200 with a review, or 4xx for what is not one.
@@ -276,6 +305,16 @@ impl Webhook {
             Ok((review, mutation)) => {
                 self.metrics.record(&mutation, self.mode);
                 log(&review, &mutation);
+                // Offered, never awaited: the queue takes it or drops it at once.
+                if let Some(queue) = &self.warm
+                    && mutation.skipped.is_none()
+                    && !mutation.dry_run
+                {
+                    queue.offer(warm::candidates(
+                        &mutation.images,
+                        &self.policy.rules.upstreams,
+                    ));
+                }
                 let mut resp = Response::new(full(review.to_string()));
                 resp.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -367,6 +406,7 @@ impl Readiness for Draining {
 #[derive(Debug)]
 pub struct WebhookServer {
     webhook: Webhook,
+    warming: Option<Warming>,
     draining: Arc<Draining>,
     metrics_registry: MetricsRegistry,
     cert: Arc<ReloadingCert>,
@@ -409,8 +449,22 @@ impl WebhookServer {
             skip_namespaces,
             annotation: w.annotation.clone(),
         };
+        let mut webhook = Webhook::new(policy, metrics.clone());
+        let warming = if w.warm {
+            let (queue, workers) = warm::queue(
+                w.warm_queue,
+                w.warm_workers,
+                w.warm_dedupe,
+                metrics.warms.clone(),
+            );
+            webhook = webhook.with_warming(queue);
+            Some(Warming::new(config, region, workers)?)
+        } else {
+            None
+        };
         Ok(WebhookServer {
-            webhook: Webhook::new(policy, metrics),
+            webhook,
+            warming,
             draining: Arc::default(),
             metrics_registry: registry,
             cert: Arc::new(cert),
@@ -421,9 +475,10 @@ impl WebhookServer {
 
     /// Serves HTTPS on `listener` and ops on `ops` until `shutdown` resolves; then `/readyz`
     /// turns 503 while both keep serving for [`DRAIN_DELAY`], and then both drain for at most
-    /// `timeouts.shutdown`. Returns whether the drain finished in time.
+    /// `timeouts.shutdown`. Returns whether the drain finished in time. With warming on, the
+    /// warm workers run until then too.
     pub async fn run(
-        self,
+        mut self,
         listener: TcpListener,
         ops: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -431,6 +486,7 @@ impl WebhookServer {
         let acceptor =
             tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(Arc::clone(&self.cert))?));
         let stop = CancellationToken::new();
+        let warm_workers = self.warming.take().map(|w| w.start(stop.clone()));
         let trigger = stop.clone();
         let draining = Arc::clone(&self.draining);
         tokio::spawn(async move {
@@ -460,7 +516,65 @@ impl WebhookServer {
                 self.limits,
             ),
         );
+        if let Some(workers) = warm_workers {
+            let _ = workers.await;
+        }
         Ok(https_done && ops_done)
+    }
+}
+
+/// What warming needs besides the queue: the workers, and what their fetcher is built from.
+#[derive(Debug)]
+struct Warming {
+    workers: WarmWorkers,
+    forwarder: crate::mirror::forward::Forwarder,
+    base: Option<http::Uri>,
+    config: Config,
+}
+
+impl Warming {
+    /// Checks what can be checked before serving: the HTTP client (`ecr.ca_file`) and the
+    /// registry URL.
+    fn new(
+        config: &Config,
+        region: Option<&str>,
+        workers: WarmWorkers,
+    ) -> Result<Warming, WebhookError> {
+        let forwarder =
+            crate::mirror::forward::Forwarder::new(&config.timeouts, config.ecr.ca_file.as_deref())
+                .map_err(|e| WebhookError::Warm(e.to_string()))?;
+        let region = config.ecr.region.as_deref().or(region);
+        let base = config
+            .ecr
+            .registry_base(region)
+            .map_err(|_| WebhookError::NoRegistry)?;
+        Ok(Warming {
+            workers,
+            forwarder,
+            base,
+            config: config.clone(),
+        })
+    }
+
+    /// Starts the workers in the background: loading the AWS SDK's config may look for a
+    /// region or credentials, which must not delay serving. The token comes from
+    /// `GetAuthorizationToken` with the webhook's own identity (IRSA or EKS Pod Identity),
+    /// fetched on the first warm, so a missing identity fails warms (counted and logged), never
+    /// admission.
+    fn start(self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        use crate::mirror::token::{EcrTokenSource, TokenCache, sdk_config};
+        tokio::spawn(async move {
+            let sdk = tokio::select! {
+                () = stop.cancelled() => return,
+                sdk = sdk_config(&self.config) => sdk,
+            };
+            let tokens = TokenCache::new(
+                Arc::new(EcrTokenSource::new(aws_sdk_ecr::Client::new(&sdk))),
+                crate::mirror::metrics::Metrics::new().0,
+            );
+            let fetcher = crate::ecr::warm::Fetcher::new(self.forwarder, tokens, self.base);
+            self.workers.run(fetcher, stop).await;
+        })
     }
 }
 

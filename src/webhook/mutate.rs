@@ -18,7 +18,9 @@
 //! `containers/<name>`, `initContainers/<name>`, `volumes/<name>`, `ephemeralContainers/<name>`),
 //! merged with an existing one on reinvocation. In dry-run mode only [`DRY_RUN_ANNOTATION`] is
 //! added, with the rewrites that enforce mode would make (warnings for ephemeral containers),
-//! and not again when it already holds them, so reinvocation settles with an empty patch.
+//! and not again when it already holds them, so reinvocation settles with an empty patch. In
+//! warm mode nothing is patched and no warning is sent: the decision only lists the pod's
+//! images, which the webhook then warms ([`super::warm`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -162,6 +164,8 @@ pub struct Mutation {
     pub patch: Vec<PatchOperation>,
     /// Warnings for the API client (`kubectl` prints them).
     pub warnings: Vec<String>,
+    /// A server-side dry run: the pod will not be created, so nothing will pull its images.
+    pub dry_run: bool,
 }
 
 /// The body is not an `AdmissionReview`: nothing to answer but HTTP 400.
@@ -198,7 +202,8 @@ pub fn admit(body: &[u8], policy: &Policy) -> Result<(Value, Mutation), NotARevi
             .and_then(|r| r.try_into().map_err(|e| format!("{e}")));
     let (response, mutation) = match request {
         Ok(req) => {
-            let mutation = mutate(&req, policy);
+            let mut mutation = mutate(&req, policy);
+            mutation.dry_run = req.dry_run;
             let mut resp = AdmissionResponse::from(&req);
             if !mutation.warnings.is_empty() {
                 resp.warnings = Some(mutation.warnings.clone());
@@ -316,6 +321,10 @@ pub fn mutate(req: &AdmissionRequest<Pod>, policy: &Policy) -> Mutation {
         images,
         ..Mutation::default()
     };
+    if policy.mode == Mode::Warm {
+        // The pod is never changed, so "left unchanged" would tell its owner nothing.
+        return mutation;
+    }
     for img in &mutation.images {
         if let Decision::Unchanged(Reason::Invalid(e)) = &img.decision {
             mutation.warnings.push(clip_warning(&format!(
@@ -365,6 +374,8 @@ pub fn mutate(req: &AdmissionRequest<Pod>, policy: &Policy) -> Mutation {
                 patch.push(annotate(pod, DRY_RUN_ANNOTATION, &would));
             }
         }
+        // Returned above: warm mode decides no patch.
+        (Mode::Warm, _) => {}
         (Mode::DryRun, true) => {
             for (img, to) in &rewrites {
                 mutation.warnings.push(clip_warning(&format!(

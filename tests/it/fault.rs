@@ -1,12 +1,22 @@
-//! The fault matrix (issue 7, section 1): a real containerd pulls through the CRI `PullImage`
-//! path while one part of the mirror's path fails, and every pull must still end with the image
-//! present under its expected digest.
+//! The fault matrix: a real containerd pulls through the CRI `PullImage` path while one part of
+//! the mirror's path fails, and every pull must still end with the image present under its
+//! expected digest.
 //!
-//! Two registries take part: the ECR stand-in (`docker-registry` with htpasswd auth, the token
-//! from moto) and a second, open one that plays the real upstream and is `server` in the
-//! `hosts.toml` that `pullthrough hosts` writes. Their access logs say where every manifest and
-//! blob came from, which each scenario checks. Faults no real part produces on demand (a hung
-//! endpoint, fixed 5xx answers, a slow link) come from [`crate::support::fault`].
+//! The scenarios whose outcome is containerd's own fallback (mirror down, ECR hung, 5xx, 404, a
+//! digest ECR never imported, the token API down, the mirror killed mid-blob) run against each
+//! containerd version EKS nodes run (1.6, 1.7, 2.1), as rstest cases named after the version.
+//!
+//! Two registries take part: ECR, and a second, open registry that plays the real upstream and is
+//! `server` in the `hosts.toml` that `pullthrough hosts` writes (the tests here are the
+//! exception to "every `server` is a dead port": the fallback is what they test). ECR is the
+//! ECR-like stand-in ([`EcrFront`]: blobs as 307 to an S3-like server, 404 for a digest it never
+//! imported, its pull-through rule pointing at the same upstream) before `docker-registry` with
+//! htpasswd auth (the token from moto); the two mid-blob scenarios use that registry without the
+//! front, because behind ECR's redirects a blob's bytes go from S3 straight to containerd and
+//! never through pullthrough, so there is no blob in flight to cut. The registries' access logs
+//! say where every manifest and blob came from, which each scenario checks (the backend's log
+//! also shows the blob reads the S3 server makes for the front). Faults no real part produces on
+//! demand (a hung endpoint, fixed 5xx answers, a slow link) come from [`crate::support::fault`].
 //!
 //! No assertion is about time: the breaker's effect is checked by counts (connections the hung
 //! endpoint saw, 503s the mirror answered at once). `scripts/fault-matrix` measures the seconds.
@@ -19,9 +29,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::StatusCode;
+use rstest::rstest;
 use tempfile::TempDir;
 
-use crate::support::containerd::{Containerd, mirror_hosts_toml};
+use crate::support::containerd::{Containerd, ContainerdVersion, mirror_hosts_toml};
+use crate::support::ecr_front::{EcrFront, FrontOptions};
 use crate::support::fault::{
     Mode, Relay, StatusServer, Tmpfs, image_blobs, manifest_hits, served_blobs,
 };
@@ -30,7 +42,7 @@ use crate::support::image::Image;
 use crate::support::moto::{DEFAULT_ACCOUNT, Moto};
 use crate::support::pullthrough::{Options, Pullthrough, TEST_TIMEOUTS, upstreams_toml};
 use crate::support::registry::Registry;
-use crate::support::{dead_port, short_tempdir, try_eventually};
+use crate::support::{dead_port, eventually, short_tempdir, try_eventually};
 
 /// What every scenario pulls. quay.io keeps paths simple: `org/app` upstream, `quay/org/app` in
 /// ECR.
@@ -54,17 +66,36 @@ enum Seed {
     Absent,
 }
 
-/// moto, both registries (seeded) and the image; pullthrough and containerd come per scenario.
+/// What ECR is in a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ecr {
+    /// The ECR-like front before the registry, its `quay` rule importing from the upstream.
+    Front,
+    /// The front, with its rule's upstream unreachable: ECR can import nothing.
+    FrontUpstreamDown,
+    /// The registry alone: blob bytes flow through pullthrough (and where ECR is never reached).
+    Plain,
+}
+
+/// moto, both registries (seeded), ECR's front and the image; pullthrough and containerd come per
+/// scenario.
 struct Env {
     _serial: tokio::sync::MutexGuard<'static, ()>,
+    version: ContainerdVersion,
     moto: Moto,
     ecr: Registry,
+    front: Option<EcrFront>,
     upstream: Registry,
     image: Image,
 }
 
 impl Env {
+    /// containerd 1.6 and the ECR-like front.
     async fn start(image: Image, seed: Seed) -> Env {
+        Env::start_with(ContainerdVersion::V1_6, Ecr::Front, image, seed).await
+    }
+
+    async fn start_with(version: ContainerdVersion, kind: Ecr, image: Image, seed: Seed) -> Env {
         let serial = SERIAL.lock().await;
         let moto = Moto::start().await;
         let ecr = Registry::start(&moto.password()).await;
@@ -77,13 +108,46 @@ impl Env {
         }
         ecr.clear_requests();
         upstream.clear_requests();
+        let rule = match kind {
+            Ecr::Front => Some(upstream.base_url()),
+            Ecr::FrontUpstreamDown => Some(format!("http://127.0.0.1:{}", dead_port())),
+            Ecr::Plain => None,
+        };
+        let front = match rule {
+            Some(url) => {
+                Some(EcrFront::start(&ecr, FrontOptions::new().upstream("quay", &url)).await)
+            }
+            None => None,
+        };
         Env {
             _serial: serial,
+            version,
             moto,
             ecr,
+            front,
             upstream,
             image,
         }
+    }
+
+    /// The ECR endpoint pullthrough forwards to: the front if there is one.
+    fn ecr_url(&self) -> String {
+        self.front
+            .as_ref()
+            .map_or_else(|| self.ecr.base_url(), EcrFront::base_url)
+    }
+
+    /// The ECR endpoint's port (for a relay in front of it).
+    fn ecr_port(&self) -> u16 {
+        self.front
+            .as_ref()
+            .map_or_else(|| self.ecr.port(), EcrFront::port)
+    }
+
+    fn front(&self) -> &EcrFront {
+        self.front
+            .as_ref()
+            .expect("this scenario runs with the ECR front")
     }
 
     /// pullthrough forwarding to `endpoint`, the upstream registry as every `server`, and
@@ -98,31 +162,54 @@ impl Env {
         Pullthrough::start(opts).await
     }
 
-    /// A certs.d written by `pullthrough hosts` for `pt`, and a containerd reading it.
+    /// A certs.d written by `pullthrough hosts` for `pt`, and a containerd of the scenario's
+    /// version reading it.
     async fn containerd(&self, pt: &Pullthrough) -> (TempDir, Containerd) {
         let certs = short_tempdir("certs");
         pt.write_hosts(certs.path()).expect("pullthrough hosts");
-        let containerd = Containerd::start(certs.path()).await;
+        let containerd = Containerd::start_version(self.version, certs.path()).await;
         (certs, containerd)
     }
 
     /// CRI PullImage, then the image must be there under its digest.
     async fn pull(&self, containerd: &Containerd, pt: Option<&Pullthrough>) {
-        if let Err(e) = containerd.pull_image(REFERENCE).await {
+        self.pull_reference(containerd, pt, REFERENCE).await;
+    }
+
+    /// CRI PullImage of `reference` (the image by tag or by digest), then the image must be
+    /// there under its digest.
+    async fn pull_reference(
+        &self,
+        containerd: &Containerd,
+        pt: Option<&Pullthrough>,
+        reference: &str,
+    ) {
+        if let Err(e) = containerd.pull_image(reference).await {
             panic!(
-                "CRI pull {REFERENCE}: {e}\npullthrough log:\n{}\ncontainerd log:\n{}",
+                "{}: CRI pull {reference}: {e}\npullthrough log:\n{}\necr-front log:\n{}\ncontainerd log:\n{}",
+                self.version,
                 pt.map(Pullthrough::log).unwrap_or_default(),
+                self.front
+                    .as_ref()
+                    .map(EcrFront::log_text)
+                    .unwrap_or_default(),
                 containerd.log()
             );
         }
-        self.assert_present(containerd).await;
+        assert_eq!(
+            containerd.image_digest(reference).await.unwrap().as_deref(),
+            Some(self.image.digest()),
+            "{}: {reference} is not present under its digest",
+            self.version
+        );
     }
 
     async fn assert_present(&self, containerd: &Containerd) {
         assert_eq!(
             containerd.image_digest(REFERENCE).await.unwrap().as_deref(),
             Some(self.image.digest()),
-            "{REFERENCE} is not present under its digest"
+            "{}: {REFERENCE} is not present under its digest",
+            self.version
         );
     }
 
@@ -151,12 +238,22 @@ impl Env {
         assert_eq!(manifest_hits(&self.ecr, ECR_REPO), 0);
     }
 
-    /// Everything came from the ECR stand-in, nothing from upstream.
+    /// Everything came from the ECR stand-in, nothing from upstream; behind the front, every
+    /// blob came from S3, fetched without a credential.
     async fn assert_all_from_ecr(&self) {
         self.assert_blobs_from(&image_blobs(&self.image), &BTreeSet::new())
             .await;
         assert!(manifest_hits(&self.ecr, ECR_REPO) >= 1);
         assert_eq!(manifest_hits(&self.upstream, UP_REPO), 0);
+        if let Some(front) = &self.front {
+            let want = image_blobs(&self.image);
+            eventually("every blob from S3", || {
+                (front.s3_blobs(ECR_REPO) == want).then_some(())
+            })
+            .await;
+            let s3 = front.s3_requests();
+            assert!(s3.iter().all(|r| !r.authorization), "{s3:?}");
+        }
     }
 
     fn clear_logs(&self) {
@@ -185,10 +282,14 @@ const FAST_FAILURES: &str = "pullthrough_upstream_breaker_fast_failures_total";
 const PROBES: &str = "pullthrough_upstream_breaker_probes_total";
 
 /// 1. pullthrough is not running: containerd's connect is refused and it goes upstream.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn f01_pullthrough_not_running_pulls_from_upstream() {
-    let env = Env::start(Image::small("fault-01"), Seed::Full).await;
-    let mut pt = env.pullthrough(&env.ecr.base_url(), LONG_COOLDOWN).await;
+async fn f01_pullthrough_not_running_pulls_from_upstream(#[case] version: ContainerdVersion) {
+    let env = Env::start_with(version, Ecr::Front, Image::small("fault-01"), Seed::Full).await;
+    let mut pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
     pt.kill();
     env.pull(&containerd, None).await;
@@ -199,7 +300,14 @@ async fn f01_pullthrough_not_running_pulls_from_upstream() {
 ///    the pull is a fast 503, and the pull completes upstream.
 #[tokio::test]
 async fn f02_ecr_refusing_connections_fails_fast_and_pulls_from_upstream() {
-    let env = Env::start(Image::small("fault-02"), Seed::Full).await;
+    // ECR is a dead port here: no front needed.
+    let env = Env::start_with(
+        ContainerdVersion::V1_6,
+        Ecr::Plain,
+        Image::small("fault-02"),
+        Seed::Full,
+    )
+    .await;
     let pt = env
         .pullthrough(&format!("http://127.0.0.1:{}", dead_port()), LONG_COOLDOWN)
         .await;
@@ -235,10 +343,14 @@ async fn f02_ecr_refusing_connections_fails_fast_and_pulls_from_upstream() {
 /// 3. The ECR endpoint accepts and never answers: the first request pays the response-header
 ///    timeout (504), the breaker opens, and the hung endpoint sees no other connection; every
 ///    other request of the pull is a fast 503.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn f03_hung_ecr_costs_one_timeout_per_pull() {
-    let env = Env::start(Image::small("fault-03"), Seed::Full).await;
-    let hang = Relay::start(env.ecr.port(), Mode::Hang).await;
+async fn f03_hung_ecr_costs_one_timeout_per_pull(#[case] version: ContainerdVersion) {
+    let env = Env::start_with(version, Ecr::Front, Image::small("fault-03"), Seed::Full).await;
+    let hang = Relay::start(env.ecr_port(), Mode::Hang).await;
     let pt = env.pullthrough(&hang.url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
     env.pull(&containerd, Some(&pt)).await;
@@ -263,7 +375,7 @@ async fn f03_hung_ecr_costs_one_timeout_per_pull() {
 #[tokio::test]
 async fn f03b_breaker_closes_when_the_endpoint_answers_again() {
     let env = Env::start(Image::small("fault-03b"), Seed::Full).await;
-    let relay = Relay::start(env.ecr.port(), Mode::Hang).await;
+    let relay = Relay::start(env.ecr_port(), Mode::Hang).await;
     let pt = env.pullthrough(&relay.url(), "1s").await;
     let (_certs, containerd) = env.containerd(&pt).await;
     env.pull(&containerd, Some(&pt)).await;
@@ -291,9 +403,14 @@ async fn f03b_breaker_closes_when_the_endpoint_answers_again() {
 
 /// 4. The ECR endpoint answers 500, 503 or 429: each request falls back at once (these do not
 ///    open the breaker: they are already fast) and the pull completes upstream.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn f04_ecr_error_statuses_pull_from_upstream() {
-    let env = Env::start(Image::small("fault-04"), Seed::Full).await;
+async fn f04_ecr_error_statuses_pull_from_upstream(#[case] version: ContainerdVersion) {
+    // ECR is a server answering one status here: no front needed.
+    let env = Env::start_with(version, Ecr::Plain, Image::small("fault-04"), Seed::Full).await;
     let certs = short_tempdir("certs");
     let mut containerd = None;
     for status in [
@@ -305,7 +422,7 @@ async fn f04_ecr_error_statuses_pull_from_upstream() {
         let pt = env.pullthrough(&faulty.url(), LONG_COOLDOWN).await;
         pt.write_hosts(certs.path()).unwrap();
         if containerd.is_none() {
-            containerd = Some(Containerd::start(certs.path()).await);
+            containerd = Some(Containerd::start_version(version, certs.path()).await);
         }
         let c = containerd.as_ref().unwrap();
         env.pull(c, Some(&pt)).await;
@@ -329,11 +446,22 @@ async fn f04_ecr_error_statuses_pull_from_upstream() {
     }
 }
 
-/// 5. ECR does not have the image (404): upstream.
+/// 5. ECR does not have the image and cannot import it (its pull-through rule's upstream is
+///    unreachable): 404, and containerd pulls from upstream.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn f05_image_missing_in_ecr_pulls_from_upstream() {
-    let env = Env::start(Image::small("fault-05"), Seed::Absent).await;
-    let pt = env.pullthrough(&env.ecr.base_url(), LONG_COOLDOWN).await;
+async fn f05_image_missing_in_ecr_pulls_from_upstream(#[case] version: ContainerdVersion) {
+    let env = Env::start_with(
+        version,
+        Ecr::FrontUpstreamDown,
+        Image::small("fault-05"),
+        Seed::Absent,
+    )
+    .await;
+    let pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
     env.pull(&containerd, Some(&pt)).await;
     env.assert_all_from_upstream().await;
@@ -342,6 +470,55 @@ async fn f05_image_missing_in_ecr_pulls_from_upstream() {
         .wait_for_request("GET", &format!("/v2/{ECR_REPO}/manifests/1"))
         .await;
     assert_eq!(status, 404);
+    let tried = env
+        .front()
+        .wait_for_ecr("GET", &format!("/v2/{ECR_REPO}/manifests/1"))
+        .await;
+    assert_eq!(tried.status, Some(404), "{tried:?}");
+    assert_eq!(
+        tried.tag_check.as_deref(),
+        Some("upstream_error"),
+        "{tried:?}"
+    );
+}
+
+/// 5b. Pinned by digest, never pulled by tag: ECR's pull-through cache imports by tag only, so
+///     it answers 404 though its upstream has the image (it does not even ask); containerd pulls
+///     from upstream, and the mirror counts the miss.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
+#[tokio::test]
+async fn f05b_digest_never_imported_pulls_from_upstream(#[case] version: ContainerdVersion) {
+    let env = Env::start_with(version, Ecr::Front, Image::small("fault-05b"), Seed::Absent).await;
+    let pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
+    let (_certs, containerd) = env.containerd(&pt).await;
+    let pinned = format!("quay.io/{UP_REPO}@{}", env.image.digest());
+    env.pull_reference(&containerd, Some(&pt), &pinned).await;
+    env.assert_all_from_upstream().await;
+    let front = env.front();
+    let by_digest = front
+        .wait_for_ecr(
+            "GET",
+            &format!("/v2/{ECR_REPO}/manifests/{}", env.image.digest()),
+        )
+        .await;
+    assert_eq!(by_digest.status, Some(404), "{by_digest:?}");
+    assert!(front.upstream_requests().is_empty(), "{}", front.log_text());
+    assert!(front.imports().is_empty(), "{}", front.log_text());
+    // One miss per manifest request for the digest (containerd may HEAD, then GET).
+    let misses = pt
+        .access_log()
+        .iter()
+        .filter(|l| l["kind"] == "manifest" && l["status"] == 404)
+        .filter(|l| l["upstream_path"] == by_digest.path.as_str())
+        .count();
+    assert!(misses >= 1, "{}", pt.log());
+    assert_eq!(
+        metric(&pt, "pullthrough_digest_misses_total{registry=\"quay.io\"}").await,
+        misses as f64
+    );
 }
 
 /// 6. The image is in ECR but one layer is missing: that layer alone comes from upstream.
@@ -350,7 +527,7 @@ async fn f06_one_blob_missing_in_ecr_comes_from_upstream() {
     let image = Image::small("fault-06");
     let layer = image.manifests[0].layers[0].digest.clone();
     let env = Env::start(image, Seed::WithoutBlob(layer.clone())).await;
-    let pt = env.pullthrough(&env.ecr.base_url(), LONG_COOLDOWN).await;
+    let pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
     env.pull(&containerd, Some(&pt)).await;
 
@@ -364,11 +541,15 @@ async fn f06_one_blob_missing_in_ecr_comes_from_upstream() {
 
 /// 7. The token API is down at start-up: not ready, pulls go upstream; when it comes back,
 ///    pullthrough recovers by itself (its fetch backs off, then succeeds).
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn f07_token_api_down_at_start_then_recovers() {
-    let mut env = Env::start(Image::small("fault-07"), Seed::Full).await;
+async fn f07_token_api_down_at_start_then_recovers(#[case] version: ContainerdVersion) {
+    let mut env = Env::start_with(version, Ecr::Front, Image::small("fault-07"), Seed::Full).await;
     env.moto.stop();
-    let pt = env.pullthrough(&env.ecr.base_url(), LONG_COOLDOWN).await;
+    let pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
     assert_eq!(pt.ready_status().await, 503);
     let (_certs, containerd) = env.containerd(&pt).await;
     env.pull(&containerd, Some(&pt)).await;
@@ -402,7 +583,7 @@ async fn f07_token_api_down_at_start_then_recovers() {
 #[tokio::test]
 async fn f08_revoked_token_costs_one_401_and_one_refresh() {
     let mut env = Env::start(Image::small("fault-08"), Seed::Full).await;
-    let pt = env.pullthrough(&env.ecr.base_url(), LONG_COOLDOWN).await;
+    let pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
     env.pull(&containerd, Some(&pt)).await;
     env.assert_all_from_ecr().await;
@@ -453,29 +634,43 @@ async fn wait_mid_blob(relay: &Relay, bytes: u64, pt: &Pullthrough) {
 
 const BIG: usize = 32 << 20;
 
-/// 9. pullthrough is SIGKILLed in the middle of a large blob. containerd 1.6.20 resumes the
-///    body at the next host with a `Range` request (the upstream answers 206) and the first
-///    PullImage succeeds; should a containerd fail it instead, kubelet's retry goes upstream, so
-///    a second PullImage is made then. Either way the big layer comes from upstream and the
+/// 9. pullthrough is SIGKILLed in the middle of a large blob. containerd resumes the body at the
+///    next host with a `Range` request (the upstream answers 206) and the first PullImage
+///    succeeds (1.6.20 does); should a containerd fail it instead, kubelet's retry goes upstream,
+///    so a second PullImage is made then. Either way the big layer comes from upstream and the
 ///    image is right. What happened is printed (`--nocapture`), not asserted: it is containerd's.
+///    The plain registry: behind ECR's redirects the blob would not pass through pullthrough.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn f09_sigkill_mid_blob_then_a_retry_pulls_from_upstream() {
-    let env = Env::start(Image::with_big_layer("fault-09", BIG), Seed::Full).await;
-    let slow = Relay::start(env.ecr.port(), Mode::Throttle).await;
+async fn f09_sigkill_mid_blob_then_a_retry_pulls_from_upstream(#[case] version: ContainerdVersion) {
+    let env = Env::start_with(
+        version,
+        Ecr::Plain,
+        Image::with_big_layer("fault-09", BIG),
+        Seed::Full,
+    )
+    .await;
+    let slow = Relay::start(env.ecr_port(), Mode::Throttle).await;
     let mut pt = env.pullthrough(&slow.url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
     let pull = pull_in_background(&containerd);
     wait_mid_blob(&slow, 4 << 20, &pt).await;
     pt.kill();
     let first = pull.await.unwrap();
-    eprintln!("f09: first PullImage after SIGKILL mid-blob: {first:?}");
+    eprintln!("f09 ({version}): first PullImage after SIGKILL mid-blob: {first:?}");
     if first.is_err() {
         // kubelet's retry.
         env.pull(&containerd, None).await;
     }
     env.assert_present(&containerd).await;
     let big = env.image.largest_layer().digest.clone();
-    eprintln!("f09: upstream served: {:?}", env.upstream.requests());
+    eprintln!(
+        "f09 ({version}): upstream served: {:?}",
+        env.upstream.requests()
+    );
     let got_big = try_eventually(|| {
         served_blobs(&env.upstream, UP_REPO)
             .contains(&big)
@@ -493,8 +688,15 @@ async fn f09_sigkill_mid_blob_then_a_retry_pulls_from_upstream() {
 ///     pullthrough exits 0, and the pull succeeds at the first attempt.
 #[tokio::test]
 async fn f10_sigterm_mid_blob_lets_the_blob_finish() {
-    let env = Env::start(Image::with_big_layer("fault-10", BIG), Seed::Full).await;
-    let slow = Relay::start(env.ecr.port(), Mode::Throttle).await;
+    // The plain registry: behind ECR's redirects the blob would not pass through pullthrough.
+    let env = Env::start_with(
+        ContainerdVersion::V1_6,
+        Ecr::Plain,
+        Image::with_big_layer("fault-10", BIG),
+        Seed::Full,
+    )
+    .await;
+    let slow = Relay::start(env.ecr_port(), Mode::Throttle).await;
     let mut pt = env.pullthrough(&slow.url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
     let pull = pull_in_background(&containerd);
@@ -551,7 +753,7 @@ async fn f11_twenty_concurrent_pulls_make_one_token_call() {
         env.ecr.push(&format!("quay/{repo}"), "1", image).await;
     }
     env.clear_logs();
-    let pt = env.pullthrough(&env.ecr.base_url(), LONG_COOLDOWN).await;
+    let pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
     let (_certs, containerd) = env.containerd(&pt).await;
 
     let pulls: Vec<_> = images
@@ -615,8 +817,15 @@ fn files(dir: &Path, skip: &str) -> BTreeMap<PathBuf, Vec<u8>> {
 ///     still pulls with what is there.
 #[tokio::test]
 async fn f12_hosts_toml_write_errors_leave_no_partial_file() {
-    let env = Env::start(Image::small("fault-12"), Seed::Full).await;
-    let pt = env.pullthrough(&env.ecr.base_url(), LONG_COOLDOWN).await;
+    // Every pull here goes upstream: ECR is never reached, no front needed.
+    let env = Env::start_with(
+        ContainerdVersion::V1_6,
+        Ecr::Plain,
+        Image::small("fault-12"),
+        Seed::Full,
+    )
+    .await;
+    let pt = env.pullthrough(&env.ecr_url(), LONG_COOLDOWN).await;
     let fs = Tmpfs::mount("64k");
     // A hand-written file for quay.io, straight to the upstream. (containerd 1.6 rejects a
     // file with `server` alone, "invalid `host` tree", and then uses the real quay.io.)

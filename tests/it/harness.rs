@@ -4,12 +4,17 @@
 use http::StatusCode;
 use serde_json::Value;
 
-use crate::support::containerd::{Containerd, mirror_hosts_toml, write_hosts_toml};
+use rstest::rstest;
+
+use crate::support::containerd::{
+    Containerd, ContainerdVersion, mirror_hosts_toml, write_hosts_toml,
+};
+use crate::support::ecr_front::{EcrFront, FrontOptions};
 use crate::support::http::{get, header};
 use crate::support::image::{ACCEPT, INDEX, Image, MANIFEST};
 use crate::support::moto::{DEFAULT_ACCOUNT, Moto};
 use crate::support::registry::Registry;
-use crate::support::{base64, basic_auth, dead_port, short_tempdir};
+use crate::support::{base64, basic_auth, dead_port, eventually, short_tempdir};
 
 /// Pushed manifests, indexes and blobs come back byte for byte; auth,
 /// password rotation, a missing blob and a restart behave as documented.
@@ -161,8 +166,12 @@ async fn moto_counts_token_calls_and_rotates_with_the_account() {
 
 /// containerd in the sandbox pulls through a `hosts.toml` mirror, by CRI
 /// and by ctr, single- and multi-arch, and the mirror sees `?ns=docker.io`.
+#[rstest]
+#[case::containerd_1_6(ContainerdVersion::V1_6)]
+#[case::containerd_1_7(ContainerdVersion::V1_7)]
+#[case::containerd_2_1(ContainerdVersion::V2_1)]
 #[tokio::test]
-async fn containerd_pulls_through_a_hosts_toml_mirror() {
+async fn containerd_pulls_through_a_hosts_toml_mirror(#[case] version: ContainerdVersion) {
     let registry = Registry::start_open().await;
     let alpine = Image::small("harness-alpine");
     let multi = Image::multi_arch("harness-multi-arch");
@@ -179,7 +188,7 @@ async fn containerd_pulls_through_a_hosts_toml_mirror() {
             &registry.base_url(),
         ),
     );
-    let containerd = Containerd::start(certs_d.path()).await;
+    let containerd = Containerd::start_version(version, certs_d.path()).await;
 
     // CRI, single-platform image.
     let image = "docker.io/library/alpine:3.19";
@@ -275,4 +284,189 @@ async fn containerd_pulls_through_a_hosts_toml_mirror() {
         .ctr_remove("docker.io/library/alpine:3.19")
         .await
         .expect("ctr images rm");
+}
+
+/// The ECR-like front: 401 without the Basic credential, an unknown digest is 404 even when the
+/// upstream has it, a tag GET imports the whole index (and only then does its digest resolve), a
+/// blob is a 307 to the S3 server, which serves the bytes without `Authorization` and refuses a
+/// request with it, and the front counts exactly the requests the upstream registry saw.
+#[tokio::test]
+async fn ecr_front_imports_on_a_tag_pull_and_redirects_blobs() {
+    let backend = Registry::start("front-password").await;
+    let upstream = Registry::start_open().await;
+    let image = Image::multi_arch("harness-front");
+    upstream.push("library/alpine", "3.19", &image).await;
+    upstream.clear_requests();
+    let front = EcrFront::with_upstreams(&backend, &[("docker-hub", &upstream)]).await;
+    let auth = backend.auth_header().expect("backend has a password");
+    let by_tag = format!(
+        "{}/v2/docker-hub/library/alpine/manifests/3.19",
+        front.base_url()
+    );
+    let by_digest = format!(
+        "{}/v2/docker-hub/library/alpine/manifests/{}",
+        front.base_url(),
+        image.digest()
+    );
+
+    // Every /v2/ request needs the credential; a wrong one is refused by the backend's htpasswd.
+    for (url, headers) in [
+        (format!("{}/v2/", front.base_url()), vec![]),
+        (by_tag.clone(), vec![("accept", ACCEPT)]),
+        (
+            by_tag.clone(),
+            vec![("accept", ACCEPT), ("authorization", "Basic QVdTOndyb25n")],
+        ),
+    ] {
+        let resp = get(&url, &headers).await.expect("GET");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{url}");
+        assert!(
+            header(&resp, "www-authenticate").starts_with("Basic "),
+            "{url}"
+        );
+    }
+    let resp = get(
+        &format!("{}/v2/", front.base_url()),
+        &[("authorization", &auth)],
+    )
+    .await
+    .expect("GET /v2/");
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // A digest the cache does not hold is missing, though the upstream has it.
+    let resp = get(&by_digest, &[("authorization", &auth), ("accept", ACCEPT)])
+        .await
+        .expect("GET by digest");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body: Value = serde_json::from_slice(resp.body()).expect("OCI error body");
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN", "{body}");
+    assert!(front.upstream_requests().is_empty(), "{}", front.log_text());
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+
+    // The tag pull imports: the index, both platform manifests, every blob.
+    front.clear_log();
+    let resp = get(&by_tag, &[("authorization", &auth), ("accept", ACCEPT)])
+        .await
+        .expect("GET by tag");
+    assert_eq!(resp.status(), StatusCode::OK, "{}", front.log_text());
+    assert_eq!(resp.body(), &image.root.bytes);
+    assert_eq!(header(&resp, "docker-content-digest"), image.digest());
+    let first = front
+        .wait_for_ecr("GET", "/v2/docker-hub/library/alpine/manifests/3.19")
+        .await;
+    assert_eq!(first.tag_check.as_deref(), Some("imported"), "{first:?}");
+    assert_eq!(first.digest.as_deref(), Some(image.digest()));
+    assert_eq!(front.imports(), ["docker-hub/library/alpine:3.19"]);
+    let up = front.upstream_requests();
+    assert!(
+        up.iter()
+            .all(|r| r.upstream == "docker-hub" && r.status == Some(200)),
+        "{up:?}"
+    );
+    for m in &image.manifests {
+        let path = format!("/v2/library/alpine/manifests/{}", m.digest());
+        assert!(up.iter().any(|r| r.path == path), "{path} not in {up:?}");
+    }
+    // The front counts what the upstream saw, one for one.
+    assert_eq!(up.len() as u64, first.upstream_requests);
+    assert_eq!(
+        upstream.requests().len(),
+        up.len(),
+        "{:?}",
+        upstream.requests()
+    );
+
+    // Imported: the digest resolves now, and a second tag pull is served as held.
+    let resp = get(&by_digest, &[("authorization", &auth), ("accept", ACCEPT)])
+        .await
+        .expect("GET by digest");
+    assert_eq!(resp.status(), StatusCode::OK);
+    get(&by_tag, &[("authorization", &auth), ("accept", ACCEPT)])
+        .await
+        .expect("GET by tag");
+    assert_eq!(front.upstream_requests().len(), up.len());
+
+    // A blob: 307 to the S3 server on another host name, with no credential needed there.
+    let layer = &image.manifest_for("amd64").expect("amd64").layers[0];
+    let blob_url = format!(
+        "{}/v2/docker-hub/library/alpine/blobs/{}",
+        front.base_url(),
+        layer.digest
+    );
+    let resp = get(&blob_url, &[("authorization", &auth)])
+        .await
+        .expect("GET blob");
+    assert_eq!(resp.status(), StatusCode::TEMPORARY_REDIRECT);
+    let location = header(&resp, "location").to_owned();
+    let s3 = format!(
+        "http://localhost:{}/prod-local-starport-layer-bucket/docker-hub/library/alpine/{}?",
+        front.s3_port(),
+        layer.digest
+    );
+    assert!(location.starts_with(&s3), "{location}");
+    let resp = get(&location, &[]).await.expect("GET S3");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.body() == &layer.bytes, "S3 served other bytes");
+    // As S3 does, a presigned URL with an Authorization header is refused.
+    let resp = get(&location, &[("authorization", &auth)])
+        .await
+        .expect("GET S3");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let s3_log = eventually("two S3 log lines", || {
+        let l = front.s3_requests();
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        s3_log
+            .iter()
+            .map(|r| (r.authorization, r.status))
+            .collect::<Vec<_>>(),
+        [(false, Some(200)), (true, Some(400))]
+    );
+    assert_eq!(
+        front.s3_blobs("docker-hub/library/alpine"),
+        std::collections::BTreeSet::from([layer.digest.clone()])
+    );
+    // A blob the cache does not hold.
+    let missing = format!(
+        "{}/v2/docker-hub/library/alpine/blobs/sha256:{}",
+        front.base_url(),
+        "0".repeat(64)
+    );
+    let resp = get(&missing, &[("authorization", &auth)])
+        .await
+        .expect("GET blob");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    // The tag moves upstream: with ECR's 24 h re-check the cache keeps the old image and asks
+    // nothing; a front re-checking every time imports the new one.
+    let moved = Image::small("harness-front-moved");
+    upstream.push("library/alpine", "3.19", &moved).await;
+    let resp = get(&by_tag, &[("authorization", &auth), ("accept", ACCEPT)])
+        .await
+        .expect("GET by tag");
+    assert_eq!(header(&resp, "docker-content-digest"), image.digest());
+    assert_eq!(front.upstream_requests().len(), up.len());
+    let eager = EcrFront::start(
+        &backend,
+        FrontOptions::new()
+            .upstream_registry("docker-hub", &upstream)
+            .tag_recheck("0"),
+    )
+    .await;
+    let eager_tag = by_tag.replace(&front.base_url(), &eager.base_url());
+    let resp = get(&eager_tag, &[("authorization", &auth), ("accept", ACCEPT)])
+        .await
+        .expect("GET by tag");
+    assert_eq!(
+        header(&resp, "docker-content-digest"),
+        image.digest(),
+        "first sight: held"
+    );
+    let resp = get(&eager_tag, &[("authorization", &auth), ("accept", ACCEPT)])
+        .await
+        .expect("GET by tag");
+    assert_eq!(header(&resp, "docker-content-digest"), moved.digest());
+    assert_eq!(eager.imports(), ["docker-hub/library/alpine:3.19"]);
 }

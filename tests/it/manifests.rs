@@ -428,7 +428,7 @@ fn the_webhook_manifests_have_the_promised_properties() {
     let hook = &hooks[0];
     assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
     assert_eq!(hook.reinvocation_policy.as_deref(), Some("IfNeeded"));
-    assert_eq!(hook.side_effects, "None");
+    assert_eq!(hook.side_effects, "NoneOnDryRun");
     assert_eq!(hook.timeout_seconds, Some(5));
     assert_eq!(hook.admission_review_versions, ["v1"]);
     let svc = hook.client_config.service.as_ref().unwrap();
@@ -561,4 +561,100 @@ fn the_webhook_manifests_have_the_promised_properties() {
     let rest: Vec<_> = expressions.into_iter().filter(|e| *e != opt_in).collect();
     assert!(!rest.is_empty());
     assert_eq!(wide_expressions, rest);
+}
+
+/// deploy/warm: an hourly CronJob that never overlaps itself; the Kubernetes token only in the
+/// init container, which may only list pods; both containers locked down; the main container
+/// runs `ecr warm --from-pods` on what the init container wrote, with a config that loads.
+#[test]
+fn the_warm_cronjob_has_the_promised_properties() {
+    use k8s_openapi::api::batch::v1::CronJob;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+
+    let docs = render("deploy/warm");
+    let cron: CronJob =
+        serde_json::from_value(object(&docs, "CronJob", "pullthrough-warm").clone()).unwrap();
+    let spec = cron.spec;
+    assert_eq!(spec.schedule, "17 * * * *");
+    assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
+    let job = spec.job_template.spec.unwrap();
+    let pod = job.template.spec.unwrap();
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("pullthrough-warm")
+    );
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+
+    let init = &pod.init_containers.as_ref().unwrap()[0];
+    let warm = container(&pod, "warm");
+    for c in [init, warm] {
+        assert_locked_down(c);
+    }
+    assert!(
+        init.image
+            .as_deref()
+            .unwrap()
+            .starts_with("registry.k8s.io/kubectl:")
+    );
+    let script = init.args.as_ref().unwrap().join(" ");
+    assert!(
+        script.contains("kubectl get pods --all-namespaces --output json")
+            && script.contains("/work/pods.json"),
+        "{script}"
+    );
+    let token = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let mounts = |c: &Container| -> Vec<String> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.clone())
+            .collect()
+    };
+    assert!(mounts(init).contains(&token.to_string()));
+    assert!(!mounts(warm).iter().any(|m| m.starts_with(token)));
+    assert!(
+        warm.image
+            .as_deref()
+            .unwrap()
+            .starts_with("ghcr.io/pullthrough/pullthrough:")
+    );
+    assert_eq!(
+        warm.args.as_deref().unwrap(),
+        [
+            "ecr",
+            "warm",
+            "--from-pods",
+            "/work/pods.json",
+            "--config",
+            "/etc/pullthrough/pullthrough.toml"
+        ]
+    );
+
+    let role: ClusterRole =
+        serde_json::from_value(object(&docs, "ClusterRole", "pullthrough-warm-pod-lister").clone())
+            .unwrap();
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods".to_string()][..])
+    );
+    assert_eq!(rules[0].verbs, ["list"]);
+    let binding: ClusterRoleBinding = serde_json::from_value(
+        object(&docs, "ClusterRoleBinding", "pullthrough-warm-pod-lister").clone(),
+    )
+    .unwrap();
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("pullthrough-warm", Some("pullthrough"))
+    );
+    let sa = object(&docs, "ServiceAccount", "pullthrough-warm");
+    assert!(sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].is_string());
+
+    let path = repo_root().join("deploy/warm/pullthrough.toml");
+    pullthrough::config::Config::load(&path).unwrap();
 }

@@ -337,3 +337,126 @@ async fn an_unknown_version_assumes_2_1_until_told() {
     );
     assert!(agent.child.stderr().contains("1.7 (--containerd-version)"));
 }
+
+/// The node lifecycle with a real containerd of each version: a certs.d that already has a
+/// hand-written `hosts.toml` (pointing at a second local registry that plays the real upstream:
+/// the one loopback `server` here that is not a dead port, since the test is about pulls going
+/// back to it), then install, pull through the mirror, remove (the hand-written file comes back
+/// byte for byte), pull straight from that upstream, reinstall, kill the mirror, and pull through
+/// the merged file's own host.
+///
+/// The items the test uses are named in full, so this E2E stays apart from the agent tests above.
+#[rstest::rstest]
+#[case::containerd_1_6(crate::support::containerd::ContainerdVersion::V1_6)]
+#[case::containerd_1_7(crate::support::containerd::ContainerdVersion::V1_7)]
+#[case::containerd_2_1(crate::support::containerd::ContainerdVersion::V2_1)]
+#[tokio::test]
+async fn install_pull_remove_restores_the_node_and_pulls_go_upstream(
+    #[case] version: crate::support::containerd::ContainerdVersion,
+) {
+    use crate::support::containerd::Containerd;
+    use crate::support::image::Image;
+    use crate::support::short_tempdir;
+
+    let moto = Moto::start().await;
+    let ecr = Registry::start(&moto.password()).await;
+    let upstream = Registry::start_open().await;
+    let image = Image::small("app");
+    ecr.push("quay/org/app", "1", &image).await;
+    upstream.push("org/app", "1", &image).await;
+    ecr.clear_requests();
+    upstream.clear_requests();
+
+    let (opts, _dead) = Options::with_dead_servers(&ecr.base_url(), &moto.endpoint());
+    let mut pt = Pullthrough::start(opts).await;
+    let certs = short_tempdir("certs");
+    let hand = format!(
+        "# Written by hand, long before pullthrough.\nserver = \"{}\"\n\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        upstream.base_url(),
+        upstream.base_url()
+    );
+    std::fs::create_dir_all(certs.path().join("quay.io")).unwrap();
+    std::fs::write(certs.path().join("quay.io/hosts.toml"), &hand).unwrap();
+    let before = std::fs::read_dir(certs.path()).unwrap().count();
+
+    let out = pt.write_hosts(certs.path()).unwrap();
+    assert!(out.contains("quay.io/hosts.toml: merged"), "{out}");
+    let containerd = Containerd::start_version(version, certs.path()).await;
+
+    // Installed: the pull goes through the mirror to the ECR stand-in.
+    let reference = "quay.io/org/app:1";
+    containerd
+        .pull_image(reference)
+        .await
+        .unwrap_or_else(|e| panic!("{version}: {e}"));
+    assert_eq!(
+        containerd.image_digest(reference).await.unwrap().as_deref(),
+        Some(image.digest())
+    );
+    assert!(
+        ecr.paths_seen()
+            .contains(&"/v2/quay/org/app/manifests/1".to_string()),
+        "{:?}",
+        ecr.paths_seen()
+    );
+    assert!(
+        upstream.paths_seen().is_empty(),
+        "{:?}",
+        upstream.paths_seen()
+    );
+    containerd.remove_image(reference).await.unwrap();
+
+    // Removed: the hand-written file is back, byte for byte, and nothing else is left.
+    let dir = certs.path().as_os_str();
+    crate::support::pullthrough_ok(["hosts".as_ref(), "--remove".as_ref(), "--dir".as_ref(), dir]);
+    assert_eq!(
+        std::fs::read_to_string(certs.path().join("quay.io/hosts.toml")).unwrap(),
+        hand
+    );
+    assert_eq!(std::fs::read_dir(certs.path()).unwrap().count(), before);
+    assert_eq!(
+        std::fs::read_dir(certs.path().join("quay.io"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // The next pull goes straight to the upstream; the mirror and ECR see nothing.
+    ecr.clear_requests();
+    let mirror_requests = pt.access_log().len();
+    containerd
+        .pull_image(reference)
+        .await
+        .unwrap_or_else(|e| panic!("{version}: {e}"));
+    assert_eq!(
+        containerd.image_digest(reference).await.unwrap().as_deref(),
+        Some(image.digest())
+    );
+    assert_saw_tag(&upstream);
+    assert!(ecr.paths_seen().is_empty(), "{:?}", ecr.paths_seen());
+    assert_eq!(pt.access_log().len(), mirror_requests);
+
+    containerd.remove_image(reference).await.unwrap();
+
+    // Installed again, and the mirror dies: the merged file's own hosts still serve the pull.
+    let out = pt.write_hosts(certs.path()).unwrap();
+    assert!(out.contains("quay.io/hosts.toml: merged"), "{out}");
+    pt.kill();
+    upstream.clear_requests();
+    containerd
+        .pull_image(reference)
+        .await
+        .unwrap_or_else(|e| panic!("{version}: {e}"));
+    assert_saw_tag(&upstream);
+}
+
+/// The upstream registry was asked for `org/app:1`. The hand-written hosts.toml lists it as a
+/// mirror host too, so containerd may add `?ns=`.
+fn assert_saw_tag(upstream: &Registry) {
+    let seen = upstream.paths_seen();
+    assert!(
+        seen.iter()
+            .any(|p| p.starts_with("/v2/org/app/manifests/1")),
+        "{seen:?}"
+    );
+}

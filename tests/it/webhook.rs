@@ -94,6 +94,11 @@ fn answer_applied(review: &Value, answer: &Value) -> Value {
     &format!("{CONFIG}mode = \"dry-run\"\n")
 )]
 #[case::skipped_namespace("skipped-namespace.json", None, CONFIG)]
+#[case::warm_mode_changes_nothing(
+    "deployment-pod.json",
+    None,
+    &format!("{CONFIG}mode = \"warm\"\n")
+)]
 fn fixtures(#[case] input: &str, #[case] expected: Option<&str>, #[case] config: &str) {
     let review = fixture(input);
     let body = serde_json::to_vec(&review).unwrap();
@@ -862,4 +867,339 @@ async fn the_webhook_applies_the_server_connection_limit() {
     drop(held);
     stop.send(()).unwrap();
     assert!(running.await.unwrap().unwrap(), "drained in time");
+}
+
+// --- Cache warming at admission ---
+
+/// An `AdmissionReview` creating a pod in `shop` with one container per image.
+fn pod_review(uid: &str, images: &[&str]) -> Value {
+    let containers: Vec<Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| serde_json::json!({"name": format!("c{i}"), "image": image}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"generateName": "web-", "namespace": "shop"},
+                "spec": {"containers": containers}
+            }
+        }
+    })
+}
+
+/// `pullthrough webhook` with warming, as deployed: its own AWS identity (here: moto's API and
+/// test credentials in the environment), `ecr.endpoint` at `registry` (a docker-registry, or a
+/// server that never answers), `extra` appended to `[webhook]`. Returns it with its HTTPS and
+/// ops ports.
+async fn spawn_warming_webhook(
+    dir: &Path,
+    moto: &crate::support::moto::Moto,
+    registry: &str,
+    extra: &str,
+    timeouts: &str,
+) -> (ChildGuard, u16, u16) {
+    make_certs(dir, &[]);
+    let (port, ops_port) = (free_port(), free_port());
+    let text = format!(
+        "[ecr]\nregion = \"us-east-1\"\nendpoint = \"{registry}\"\n\n\
+         [webhook]\nlisten = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\
+         cert_file = \"{}\"\nkey_file = \"{}\"\n{extra}\n[timeouts]\n{timeouts}\n",
+        dir.join("tls.crt").display(),
+        dir.join("tls.key").display()
+    );
+    let path = write_config(dir, &text);
+    let mut child = ChildGuard::spawn(
+        "pullthrough-webhook",
+        Command::new(pullthrough_bin())
+            .args(["--log-format", "json", "webhook", "--config"])
+            .arg(&path)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,aws_config=warn,aws_smithy_runtime=warn")
+            .env("POD_NAMESPACE", "pullthrough")
+            .env("AWS_ENDPOINT_URL_ECR", moto.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            // Never look for a real identity: no IMDS, no profile files.
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        dir,
+    );
+    child.wait_for_port(port).await;
+    child.wait_for_port(ops_port).await;
+    (child, port, ops_port)
+}
+
+/// A warm counter from the webhook's `/metrics`.
+async fn warms(ops_port: u16, result: &str) -> f64 {
+    let metrics = ops_get(ops_port, "/metrics").await;
+    let text = String::from_utf8_lossy(metrics.body()).into_owned();
+    let series = format!("pullthrough_webhook_warms_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Polls `warms(result)` until it is `want` (bounded like `support::eventually`).
+async fn wait_for_warms(ops_port: u16, result: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + crate::support::EVENTUALLY_TIMEOUT;
+    loop {
+        let got = warms(ops_port, result).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "warms{{result={result}}} stayed {got}, want {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// Posts `review` on a fresh connection and returns the parsed answer.
+async fn admit(port: u16, ca: &Path, review: &Value) -> Value {
+    let (tls, _) = connect(port, ca).await.unwrap();
+    let mut conn = http_over(tls).await;
+    let (status, body) = post(&mut conn, "/mutate", serde_json::to_vec(review).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// In warm mode an admitted `name:tag@digest` pod is admitted unchanged and leads to exactly one
+/// GET of the tag through ECR; a second admission of it within `warm_dedupe` leads to none, and
+/// images that are not `name:tag@digest` lead to none.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admitted_tag_at_digest_pod_is_warmed_once_by_tag() {
+    use crate::support::ecr_front::EcrFront;
+    use crate::support::image::Image;
+    use crate::support::registry::Registry;
+    let moto = crate::support::moto::Moto::start().await;
+    // ECR as the ECR-like stand-in, importing from an upstream standing in for Docker Hub.
+    let ecr = Registry::start(&moto.password()).await;
+    let hub = Registry::start_open().await;
+    let pinned = Image::small("wh-pinned");
+    let other = Image::small("wh-other");
+    hub.push("library/pinned", "1", &pinned).await;
+    hub.push("library/other", "1", &other).await;
+    let front = EcrFront::with_upstreams(&ecr, &[("docker-hub", &hub)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // One worker: warms run in queue order, so once a later one is done, an earlier one that
+    // was queued is done too.
+    let (_webhook, port, ops_port) = spawn_warming_webhook(
+        dir.path(),
+        &moto,
+        &front.base_url(),
+        "mode = \"warm\"\nwarm_workers = 1\n",
+        "response_headers = \"10s\"",
+    )
+    .await;
+    let ca = dir.path().join("ca.crt");
+    assert_eq!(
+        warms(ops_port, "queued").await,
+        0.0,
+        "every series from the start"
+    );
+
+    let image = format!("pinned:1@{}", pinned.digest());
+    let review = pod_review(
+        "warm-1",
+        &[
+            &image,
+            "nginx:1.27",
+            &format!("busybox@{}", pinned.digest()),
+            &format!("registry.example.com/org/app:1@{}", pinned.digest()),
+        ],
+    );
+    let answer = admit(port, &ca, &review).await;
+    // Warm mode never changes the pod.
+    assert_eq!(
+        answer_applied(&review, &answer),
+        review["request"]["object"]
+    );
+    // Queued before the answer was sent: only the one name:tag@digest image on an upstream.
+    assert_eq!(warms(ops_port, "queued").await, 1.0);
+    wait_for_warms(ops_port, "warmed", 1.0).await;
+    let tag = "/v2/docker-hub/library/pinned/manifests/1";
+    let warm = front.wait_for_ecr("GET", tag).await;
+    assert_eq!(
+        (warm.status, warm.tag_check.as_deref()),
+        (Some(200), Some("imported")),
+        "{}",
+        front.log_text()
+    );
+    // Then ECR serves the pinned digest, which the pod's pull asks for.
+    let by_digest = format!(
+        "/v2/docker-hub/library/pinned/manifests/{}",
+        pinned.digest()
+    );
+    assert_eq!(
+        front.wait_for_ecr("GET", &by_digest).await.status,
+        Some(200)
+    );
+
+    // The same image again (another pod of the Deployment): nothing queued.
+    admit(port, &ca, &pod_review("warm-2", &[&image])).await;
+    assert_eq!(warms(ops_port, "queued").await, 1.0);
+    // Had it been queued, it would be warmed before this one.
+    let second = format!("other:1@{}", other.digest());
+    admit(port, &ca, &pod_review("warm-3", &[&second])).await;
+    wait_for_warms(ops_port, "warmed", 2.0).await;
+    front
+        .wait_for_ecr("GET", "/v2/docker-hub/library/other/manifests/1")
+        .await;
+    let seen: Vec<(String, String)> = front
+        .ecr_requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    let tag_gets = seen.iter().filter(|(m, p)| m == "GET" && p == tag).count();
+    assert_eq!(tag_gets, 1, "{seen:?}");
+    assert_eq!(
+        front.imports(),
+        ["docker-hub/library/pinned:1", "docker-hub/library/other:1"],
+        "{}",
+        front.log_text()
+    );
+    // Nothing for the other images, and never a blob.
+    assert!(
+        seen.iter()
+            .all(|(_, p)| p.contains("/pinned/manifests/") || p.contains("/other/manifests/")),
+        "{seen:?}"
+    );
+    assert_eq!(warms(ops_port, "failed").await, 0.0);
+    assert_eq!(warms(ops_port, "dropped").await, 0.0);
+}
+
+/// A registry endpoint that never answers, and records in `events`, in order, each request
+/// line it reads (`request GET /v2/…`) and each connection the client closes (`closed GET …`).
+/// The test adds its own events to the same list, so their order is observable.
+struct HangingEcr {
+    url: String,
+    events: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HangingEcr {
+    async fn start() -> HangingEcr {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let events: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let log = Arc::clone(&events);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let request = line.split(" HTTP/").next().unwrap_or("").to_owned();
+                    log.lock().unwrap().push(format!("request {request}"));
+                    // Never answered; read until the client gives up.
+                    let mut rest = Vec::new();
+                    let _ = reader.read_to_end(&mut rest).await;
+                    log.lock().unwrap().push(format!("closed {request}"));
+                });
+            }
+        });
+        HangingEcr { url, events, task }
+    }
+
+    fn push(&self, event: &str) {
+        self.events.lock().unwrap().push(event.to_owned());
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+impl Drop for HangingEcr {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Admission never waits for a warm: while the only worker's warm hangs on ECR, pods are
+/// admitted; the next warm waits in the queue (of 1), and the one after is dropped and counted.
+/// Shown by order, not time: each answer arrives after ECR took the hanging request and before
+/// the webhook gave up on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn admission_answers_while_the_ecr_side_hangs_and_a_full_queue_drops() {
+    let moto = crate::support::moto::Moto::start().await;
+    let ecr = HangingEcr::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_webhook, port, ops_port) = spawn_warming_webhook(
+        dir.path(),
+        &moto,
+        &ecr.url,
+        // Enforce mode with warming on: the rewrite still happens.
+        "warm = true\nwarm_workers = 1\nwarm_queue = 1\n",
+        "response_headers = \"1h\"",
+    )
+    .await;
+    let ca = dir.path().join("ca.crt");
+    const SHA: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    let a = format!("a:1@{SHA}");
+    admit(port, &ca, &pod_review("hang-a", &[&a])).await;
+    ecr.push("answered a");
+    crate::support::eventually("the warm of a:1 at ECR", || {
+        ecr.events()
+            .contains(&"request GET /v2/docker-hub/library/a/manifests/1".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    let b = format!("b:1@{SHA}");
+    let answer = admit(port, &ca, &pod_review("hang-b", &[&b, "nginx:1.27"])).await;
+    ecr.push("answered b");
+    // Enforce mode still patches (the tag-only image), whatever warming does.
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+    admit(port, &ca, &pod_review("hang-c", &[&format!("c:1@{SHA}")])).await;
+    ecr.push("answered c");
+
+    let events = ecr.events();
+    let at = |e: &str| {
+        events
+            .iter()
+            .position(|x| x == e)
+            .unwrap_or_else(|| panic!("no {e:?} in {events:?}"))
+    };
+    let held = at("request GET /v2/docker-hub/library/a/manifests/1");
+    assert!(
+        held < at("answered b") && at("answered b") < at("answered c"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.starts_with("closed")),
+        "the warm of a:1 was still held open: {events:?}"
+    );
+    // One request reached ECR: b waits in the queue, c did not fit.
+    assert_eq!(
+        events.iter().filter(|e| e.starts_with("request")).count(),
+        1,
+        "{events:?}"
+    );
+    assert_eq!(warms(ops_port, "queued").await, 2.0);
+    assert_eq!(warms(ops_port, "dropped").await, 1.0);
+    assert_eq!(warms(ops_port, "warmed").await, 0.0);
 }

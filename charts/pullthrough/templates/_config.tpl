@@ -111,6 +111,18 @@ exclude = {{ toJson . }}
 annotation = {{ toJson . }}
 {{- end }}
 digest_refs = {{ toJson $w.digest_refs }}
+{{- if $w.warm }}
+warm = true
+{{- end }}
+{{- with $w.warm_dedupe }}
+warm_dedupe = {{ toJson . }}
+{{- end }}
+{{- with $w.warm_queue }}
+warm_queue = {{ int64 . }}
+{{- end }}
+{{- with $w.warm_workers }}
+warm_workers = {{ int64 . }}
+{{- end }}
 
 [timeouts]
 {{- with $s.timeouts.shutdown }}

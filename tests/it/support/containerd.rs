@@ -1,21 +1,35 @@
-//! A private containerd 1.6 daemon, driven the way a kubelet drives it (CRI
-//! `ImageService` over gRPC) and the way an operator does (`ctr`), so the
-//! tests see what containerd really sends to a mirror.
+//! A private containerd daemon of a given version (1.6, 1.7 or 2.1), driven the way a kubelet
+//! drives it (CRI `ImageService` over gRPC) and the way an operator does (`ctr`), so the tests see
+//! what each containerd really sends to a mirror.
+//!
+//! # Versions
+//! [`ContainerdVersion`] names the three containerd releases EKS nodes run and this machine has:
+//! Debian 12's 1.6.20 (`/usr/bin/containerd`, from `scripts/deps`), and 1.7.24 and 2.1.9, which
+//! `scripts/deps-containerd` unpacks from Debian trixie's and sid's packages into
+//! `.cache/containerd/<version>/usr/bin/` without installing them. Each daemon runs with `ctr` of
+//! the same version. A test that covers all of them takes the version as an rstest case named
+//! after it (`#[case::containerd_2_1(ContainerdVersion::V2_1)]`), so a failure says which
+//! containerd broke.
 //!
 //! # Running containerd in the sandbox
-//! Everything lives in a tempdir under `/tmp` (socket paths must stay under
-//! 108 bytes): `root`, `state`, the gRPC and ttrpc sockets and the log. The
-//! generated `config.toml` (version 2):
-//! - points the CRI registry at the caller's `certs.d` (`config_path`);
-//! - uses the `native` snapshotter for CRI and `ctr`: it needs no mounts,
-//!   so a killed daemon leaves nothing mounted behind. (overlayfs works in
-//!   this sandbox too: `ctr pull --snapshotter overlayfs` unpacks and runc
-//!   mounts the rootfs; tests only pull, so they do not need it);
-//! - turns off what a pull never needs and a sandbox may lack: the TCP
-//!   CRI service, AppArmor, the oom-score adjustment, the `opt` plugin
-//!   (it writes to `/opt/containerd`), aufs/btrfs/devmapper/zfs snapshotters
-//!   and the OTLP tracing processor; the CNI dirs point into the tempdir
-//!   (no CNI config: containerd logs one error about it and carries on).
+//! Everything lives in a tempdir under `/tmp` (socket paths must stay under 108 bytes): `root`,
+//! `state`, the gRPC and ttrpc sockets and the log. The `config.toml` is rendered from the
+//! version's minimal config, `tests/fixtures/containerd/min-<version>.toml` (`version = 2` for
+//! 1.x, `version = 3` for 2.x; measured, with the reasons, in that directory's `NOTES.md`):
+//! - the CRI registry's `config_path` is the caller's `certs.d` (or any string, e.g. a
+//!   colon-separated list, or none: [`ContainerdOptions::config_path`]);
+//! - CRI and `ctr` use the `native` snapshotter: it needs no mounts, so a killed daemon leaves
+//!   nothing mounted behind. containerd 2.1's CRI pulls through its transfer service, whose
+//!   unpacker only knows the transfer plugin's own `unpack_config` ("no unpack platforms
+//!   defined" otherwise), so for 2.x the rendered file adds `native` there too;
+//! - what a pull never needs and a sandbox may lack is off: the TCP CRI service, AppArmor, the
+//!   oom-score adjustment, the `opt` plugin (it writes to `/opt/containerd`), NRI, unused
+//!   snapshotters and the OTLP tracing processor; the CNI dirs point into the tempdir (no CNI
+//!   config: containerd logs one error about it and carries on);
+//! - debug logging, so a test can read which path CRI pulled with (2.1:
+//!   `PullImage "…" … using transfer service` or `… using client.Pull()`);
+//! - [`ContainerdOptions::extra`] adds settings to the CRI images table (1.x: the CRI
+//!   `containerd` table), e.g. `discard_unpacked_layers = true`.
 //!
 //! # CRI client
 //! [`CriClient`] is a hand-written gRPC client: an HTTP/2 connection over the
@@ -38,7 +52,131 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use tempfile::TempDir;
 
-use super::{ChildGuard, STARTUP_TIMEOUT, short_tempdir};
+use super::{ChildGuard, STARTUP_TIMEOUT, repo_root, short_tempdir};
+
+/// A containerd release the tests run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ContainerdVersion {
+    /// 1.6.20: Debian 12's, the system's `/usr/bin/containerd`.
+    V1_6,
+    /// 1.7.24 (Debian trixie's package): EKS AL2023 until 2025, Bottlerocket 1.x variants.
+    V1_7,
+    /// 2.1.9 (Debian sid's package): EKS AL2023 and Bottlerocket since 2025. CRI pulls through
+    /// the transfer service unless a setting forces the older local pull.
+    V2_1,
+}
+
+impl ContainerdVersion {
+    /// Every version, oldest first.
+    pub const fn all() -> [ContainerdVersion; 3] {
+        [
+            ContainerdVersion::V1_6,
+            ContainerdVersion::V1_7,
+            ContainerdVersion::V2_1,
+        ]
+    }
+
+    /// The exact upstream version, as `containerd --version` prints it.
+    pub const fn version(self) -> &'static str {
+        match self {
+            ContainerdVersion::V1_6 => "1.6.20",
+            ContainerdVersion::V1_7 => "1.7.24",
+            ContainerdVersion::V2_1 => "2.1.9",
+        }
+    }
+
+    /// The directory with this version's `containerd` and `ctr`.
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            ContainerdVersion::V1_6 => PathBuf::from("/usr/bin"),
+            v => repo_root()
+                .join(".cache/containerd")
+                .join(v.version())
+                .join("usr/bin"),
+        }
+    }
+
+    /// This version's `containerd`; panics, saying how to get it, if it is not there.
+    pub fn containerd(self) -> PathBuf {
+        self.binary("containerd")
+    }
+
+    /// This version's `ctr`.
+    pub fn ctr(self) -> PathBuf {
+        self.binary("ctr")
+    }
+
+    fn binary(self, name: &str) -> PathBuf {
+        let path = self.bin_dir().join(name);
+        assert!(
+            path.exists(),
+            "{} not found: containerd {} comes from {} (run scripts/deps)",
+            path.display(),
+            self.version(),
+            match self {
+                ContainerdVersion::V1_6 => "Debian 12's containerd package",
+                _ => "scripts/deps-containerd",
+            }
+        );
+        path
+    }
+
+    /// Whether the config file is `version = 3` (containerd 2.x) rather than `version = 2`.
+    pub const fn is_2x(self) -> bool {
+        matches!(self, ContainerdVersion::V2_1)
+    }
+
+    /// The minimal config template for this version.
+    pub fn template_path(self) -> PathBuf {
+        repo_root()
+            .join("tests/fixtures/containerd")
+            .join(format!("min-{}.toml", self.version()))
+    }
+}
+
+impl std::fmt::Display for ContainerdVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "containerd {}", self.version())
+    }
+}
+
+/// How to start a [`Containerd`]. [`ContainerdOptions::new`]: the given version reading one
+/// `certs.d` directory, with the version's defaults otherwise.
+#[derive(Clone, Debug)]
+pub struct ContainerdOptions {
+    /// Which containerd.
+    pub version: ContainerdVersion,
+    /// The CRI registry `config_path` exactly as written to the config (`None`: no such key,
+    /// so containerd reads no hosts.toml at all).
+    pub config_path: Option<String>,
+    /// Lines added to the CRI images table (1.x: the CRI `containerd` table), such as
+    /// `discard_unpacked_layers = true`.
+    pub extra: String,
+}
+
+impl ContainerdOptions {
+    /// `version` with `config_path` = `certs_d`.
+    pub fn new(version: ContainerdVersion, certs_d: &Path) -> ContainerdOptions {
+        ContainerdOptions {
+            version,
+            config_path: Some(certs_d.display().to_string()),
+            extra: String::new(),
+        }
+    }
+
+    /// Another `config_path` string (e.g. `"<certs.d>:/etc/docker/certs.d"`).
+    pub fn config_path(mut self, value: &str) -> ContainerdOptions {
+        self.config_path = Some(value.to_owned());
+        self
+    }
+
+    /// Adds a line to the CRI images settings (see [`ContainerdOptions::extra`]).
+    pub fn extra(mut self, line: &str) -> ContainerdOptions {
+        self.extra.push_str(line);
+        self.extra.push('\n');
+        self
+    }
+}
 
 /// The containerd namespace `ctr` commands of this harness use.
 pub const CTR_NAMESPACE: &str = "pullthrough-it";
@@ -49,6 +187,7 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running containerd; SIGTERMed (then killed) on drop.
 pub struct Containerd {
+    version: ContainerdVersion,
     socket: PathBuf,
     certs_d: PathBuf,
     child: ChildGuard,
@@ -57,25 +196,51 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd with the CRI registry reading `certs_d`
+    /// Starts the system's containerd (1.6) with the CRI registry reading `certs_d`
     /// (`<certs_d>/<host>/hosts.toml`), and waits until CRI answers.
     pub async fn start(certs_d: &Path) -> Containerd {
+        Containerd::start_version(ContainerdVersion::V1_6, certs_d).await
+    }
+
+    /// Starts containerd `version` with the CRI registry reading `certs_d`.
+    pub async fn start_version(version: ContainerdVersion, certs_d: &Path) -> Containerd {
+        Containerd::start_with(ContainerdOptions::new(version, certs_d)).await
+    }
+
+    /// Starts containerd as `options` say, and waits until CRI answers.
+    pub async fn start_with(options: ContainerdOptions) -> Containerd {
         let dir = short_tempdir("ctd");
         let socket = dir.path().join("c.sock");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path(), &socket, certs_d))
+        std::fs::write(&config, render_config(dir.path(), &socket, &options))
             .expect("write containerd config");
-        let mut cmd = Command::new("containerd");
+        let mut cmd = Command::new(options.version.containerd());
         cmd.arg("--config").arg(&config);
         let child = ChildGuard::spawn("containerd", &mut cmd, dir.path());
+        let certs_d = options
+            .config_path
+            .as_deref()
+            .map(PathBuf::from)
+            .unwrap_or_default();
         let mut containerd = Containerd {
+            version: options.version,
             socket,
-            certs_d: certs_d.to_owned(),
+            certs_d,
             child,
             dir,
         };
         containerd.wait_ready().await;
         containerd
+    }
+
+    /// Which containerd this is.
+    pub fn version(&self) -> ContainerdVersion {
+        self.version
+    }
+
+    /// The config file it runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
     }
 
     /// Polls a harmless CRI call until it succeeds: the socket appears
@@ -115,7 +280,7 @@ impl Containerd {
         &self.socket
     }
 
-    /// The `certs.d` directory the CRI plugin reads.
+    /// The `config_path` the CRI plugin was given (empty if none).
     pub fn certs_d(&self) -> &Path {
         &self.certs_d
     }
@@ -159,11 +324,31 @@ impl Containerd {
         Ok(digest)
     }
 
+    /// Whether containerd logged that CRI pulled `image` through the transfer service (2.1's
+    /// default) rather than the older local pull (`client.Pull()`, always on 1.x). `None` if the
+    /// log has neither line for it.
+    pub fn cri_pulled_with_transfer_service(&self, image: &str) -> Option<bool> {
+        let log = self.log();
+        let needle = format!("PullImage \\\"{image}\\\"");
+        log.lines()
+            .filter(|l| l.contains(&needle) || l.contains(&format!("PullImage \"{image}\"")))
+            .find_map(|l| {
+                if l.contains("using transfer service") {
+                    Some(true)
+                } else if l.contains("using client.Pull()") {
+                    Some(false)
+                } else {
+                    None
+                }
+            })
+    }
+
     /// `ctr images pull --hosts-dir <hosts_dir> <image_ref>` in
-    /// [`CTR_NAMESPACE`], unpacking with the native snapshotter.
+    /// [`CTR_NAMESPACE`], unpacking with the native snapshotter, with the `ctr` of this
+    /// daemon's version (2.1's pulls through the transfer service, as its CRI does).
     ///
     /// No `--plain-http`: hosts.toml entries carry their `http://` scheme,
-    /// which ctr 1.6 honors as is.
+    /// which ctr honors as is.
     pub async fn ctr_pull(&self, image_ref: &str, hosts_dir: &Path) -> Result<(), String> {
         let mut args = vec![
             "images".to_owned(),
@@ -211,7 +396,7 @@ impl Containerd {
     /// Runs `ctr --address <sock> -n <CTR_NAMESPACE> <args>`; stdout on
     /// success, stdout+stderr as the error otherwise.
     pub async fn ctr(&self, args: Vec<String>) -> Result<String, String> {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(self.version.ctr());
         cmd.arg("--address")
             .arg(&self.socket)
             .args(["-n", CTR_NAMESPACE])
@@ -273,48 +458,41 @@ fn repository_of(image: &str) -> &str {
     }
 }
 
-fn config_toml(dir: &Path, socket: &Path, certs_d: &Path) -> String {
-    let d = dir.display();
-    format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.internal.v1.opt",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-]
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{socket}.ttrpc"
-
-[debug]
-  level = "info"
-
-[plugins]
-  [plugins."io.containerd.grpc.v1.cri"]
-    disable_tcp_service = true
-    disable_apparmor = true
-    restrict_oom_score_adj = true
-    stream_server_address = "127.0.0.1"
-    stream_server_port = "0"
-    [plugins."io.containerd.grpc.v1.cri".cni]
-      conf_dir = "{d}/cni/conf"
-      bin_dir = "{d}/cni/bin"
-    [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "native"
-    [plugins."io.containerd.grpc.v1.cri".registry]
-      config_path = "{certs_d}"
-"#,
-        socket = socket.display(),
-        certs_d = certs_d.display(),
-    )
+/// The version's `min-<version>.toml` with its placeholders filled in, the snapshotter switched
+/// to `native` (see the module doc) and, for 2.x, `native` in the transfer service's
+/// `unpack_config`.
+fn render_config(dir: &Path, socket: &Path, options: &ContainerdOptions) -> String {
+    let template_path = options.version.template_path();
+    let template = std::fs::read_to_string(&template_path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
+    let overlayfs = "snapshotter = \"overlayfs\"";
+    assert_eq!(
+        template.matches(overlayfs).count(),
+        1,
+        "{} should set the CRI snapshotter once",
+        template_path.display()
+    );
+    let mut config = template
+        .replace(overlayfs, "snapshotter = \"native\"")
+        .replace("{root}", &format!("{}/root", dir.display()))
+        .replace("{state}", &format!("{}/state", dir.display()))
+        .replace("{socket}", &socket.display().to_string())
+        .replace("{extra}", options.extra.trim_end());
+    config = match &options.config_path {
+        Some(path) => config.replace("{certs_d}", path),
+        None => config
+            .lines()
+            .filter(|l| !l.contains("{certs_d}"))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+    };
+    if options.version.is_2x() {
+        // The transfer service unpacks only for the platforms and snapshotters listed here.
+        config.push_str(
+            "\n[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"native\"\n",
+        );
+    }
+    config
 }
 
 // ---------------------------------------------------------------------------

@@ -166,6 +166,7 @@ pub fn check_object(doc: &Value, what: &str) -> String {
         "RoleBinding" => roundtrip::<RoleBinding>(doc, &what),
         "ClusterRole" => roundtrip::<ClusterRole>(doc, &what),
         "ClusterRoleBinding" => roundtrip::<ClusterRoleBinding>(doc, &what),
+        "CronJob" => roundtrip::<k8s_openapi::api::batch::v1::CronJob>(doc, &what),
         "PodMonitor" | "ServiceMonitor" | "PrometheusRule" | "Certificate" | "Issuer"
         | "ClusterIssuer" => check_custom(doc, &kind, &what),
         other => panic!("{what}: no check for kind {other}: add one here"),

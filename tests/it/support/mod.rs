@@ -8,6 +8,8 @@
 //! # Layout
 //! - [`registry`]: the CNCF distribution registry with htpasswd auth and an
 //!   access log the tests can read.
+//! - [`ecr_front`]: ECR's pull-through cache (import on a tag pull, 404 for an unknown digest,
+//!   blobs as 307 to an S3-like server) in front of a [`registry`].
 //! - [`moto`]: moto's server standing in for ECR's `GetAuthorizationToken`.
 //! - [`image`]: OCI images built in memory (single-arch and multi-arch).
 //! - [`containerd`]: a private containerd daemon plus a hand-written CRI
@@ -23,6 +25,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod ecr_front;
 pub mod fault;
 pub mod http;
 pub mod image;
