@@ -417,6 +417,7 @@ fn the_safety_properties_hold_for_every_values_file() {
                         "/host/etc/containerd/certs.d".into(),
                         false
                     ),
+                    ("/etc/eks".into(), "/host/etc/eks".into(), true),
                 ],
                 "{file}: only certs.d is writable"
             );
@@ -485,7 +486,8 @@ fn check_webhook(file: &str, docs: &[Value]) {
         Some("IfNeeded"),
         "{file}"
     );
-    assert_eq!(hook.side_effects, "None", "{file}");
+    // Warming has a side effect (an ECR import), skipped for dry-run requests.
+    assert_eq!(hook.side_effects, "NoneOnDryRun", "{file}");
     let svc = hook.client_config.service.as_ref().unwrap();
     assert_eq!(svc.namespace, NAMESPACE);
     let service = object(docs, "Service", &svc.name);
@@ -1062,7 +1064,7 @@ fn the_rendered_config_is_what_the_binary_reads_and_rolls_the_pods() {
     assert_eq!(c.timeouts.response_headers, Duration::from_secs(10));
     assert_eq!(c.timeouts.shutdown, Duration::from_secs(15));
     assert_eq!(c.breaker.cooldown, Duration::from_millis(500));
-    assert_eq!(c.manifest_cache_bytes, 33_554_432);
+    assert_eq!(c.manifest_cache.max_bytes, 33_554_432);
     assert_eq!(c.server.header_read_timeout, Duration::from_secs(20));
     assert_eq!(c.server.max_connections, 2048);
     let deployment: Deployment = typed(of_kind(&docs, "Deployment")[0]);

@@ -571,7 +571,7 @@ fn the_warm_cronjob_has_the_promised_properties() {
     use k8s_openapi::api::batch::v1::CronJob;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 
-    let docs = render("deploy/warm");
+    let docs = kustomize("deploy/warm");
     let cron: CronJob =
         serde_json::from_value(object(&docs, "CronJob", "pullthrough-warm").clone()).unwrap();
     let spec = cron.spec;
