@@ -376,10 +376,18 @@ async fn ecr_front_imports_on_a_tag_pull_and_redirects_blobs() {
         upstream.requests()
     );
 
-    // Imported: the digest resolves now, and a second tag pull is served as held.
-    let resp = get(&by_digest, &[("authorization", &auth), ("accept", ACCEPT)])
-        .await
-        .expect("GET by digest");
+    // Imported: the digest resolves now, and a second tag pull is served as held. A client may
+    // send one Accept header per media type (containers/image does): all of them count.
+    let resp = get(
+        &by_digest,
+        &[
+            ("authorization", &auth),
+            ("accept", MANIFEST),
+            ("accept", INDEX),
+        ],
+    )
+    .await
+    .expect("GET by digest");
     assert_eq!(resp.status(), StatusCode::OK);
     get(&by_tag, &[("authorization", &auth), ("accept", ACCEPT)])
         .await

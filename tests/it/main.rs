@@ -12,6 +12,7 @@
 
 mod abuse;
 mod cli;
+mod clients;
 mod e2e;
 mod ecr;
 mod fault;
