@@ -433,6 +433,7 @@ async fn podman_pulls_through_the_registries_conf_drop_in() {
 /// `podman --root … --runroot … --storage-driver vfs ARGS` with `registries.conf`; no systemd or
 /// journald here, hence cgroupfs and file events.
 async fn podman(dir: &Path, registries_conf: &Path, args: &[&str]) -> Output {
+    let proxy = format!("http://127.0.0.1:{}", dead_port());
     let mut cmd = Command::new(PODMAN);
     cmd.arg("--root")
         .arg(dir.join("root"))
@@ -454,7 +455,8 @@ async fn podman(dir: &Path, registries_conf: &Path, args: &[&str]) -> Output {
         .env("HOME", dir)
         .env("CONTAINERS_REGISTRIES_CONF", registries_conf)
         // Belt and braces: anything not loopback would go to a dead loopback proxy.
-        .env("HTTPS_PROXY", format!("http://127.0.0.1:{}", dead_port()))
+        .env("HTTPS_PROXY", &proxy)
+        .env("HTTP_PROXY", &proxy)
         .env("NO_PROXY", "127.0.0.1,localhost");
     run(cmd).await
 }

@@ -431,4 +431,40 @@ async fn skopeo_pulls_through_the_registries_conf_drop_in() {
             ecr.paths_seen()
         );
     }
+
+    // `skopeo inspect` reads the manifest through the mirror, but lists the repository's tags at
+    // the registry the name says (quay.io itself: neither the mirror nor `location`), so it fails
+    // here unless told `--no-tags`. That request goes to a proxy at a dead loopback port, so it
+    // is refused without leaving the machine (not even a DNS lookup: Go leaves that to the proxy;
+    // loopback is never proxied, so the mirror is reached as before).
+    let proxy = format!("http://127.0.0.1:{}", crate::support::dead_port());
+    let inspect = |extra: &[&str]| {
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--retry-times=0"])
+            .args(extra)
+            .arg("docker://quay.io/org/app:1")
+            .env("HOME", home.path())
+            .env("HTTPS_PROXY", &proxy)
+            .env("HTTP_PROXY", &proxy)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .output()
+            .unwrap()
+    };
+    let out = inspect(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("repository tags"), "{stderr}");
+    assert!(stderr.contains("quay.io/v2/"), "{stderr}");
+    assert!(
+        stderr.contains(proxy.trim_start_matches("http://")),
+        "{stderr}"
+    );
+    let out = inspect(&["--no-tags"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["Digest"], image.digest(), "{v}");
 }
