@@ -252,10 +252,9 @@ fn init_tracing(format: LogFormat) {
 fn run_serve(config: Config) -> anyhow::Result<bool> {
     // One crypto provider for every TLS client in the process (ours and the AWS SDK's).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // One thread: a blob's bytes hop between the ECR connection's task and the client
-    // connection's task, and on a multi-threaded runtime each hop can wake another CPU. One
-    // thread used 16 % less CPU per GiB streamed (bench/NOTES.md); the work is kernel copies.
-    let runtime = runtime(false)?;
+    // All the CPUs the pod may use: on a node, concurrent pulls (TLS to ECR, manifests, and
+    // blob bytes from endpoints that do not redirect) would otherwise share one core.
+    let runtime = runtime(Threads::Workers(config.server.worker_threads))?;
     runtime.block_on(async move {
         let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
         let mirror = bind(config.listen).await.context("binding `listen`")?;
@@ -316,7 +315,7 @@ fn run_node(
     listen: SocketAddr,
     opts: pullthrough::node::NodeOptions,
 ) -> anyhow::Result<bool> {
-    let runtime = runtime(false)?;
+    let runtime = runtime(Threads::One)?;
     runtime.block_on(async move {
         let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
         let listener = bind(listen).await.context("binding --listen")?;
@@ -340,7 +339,7 @@ fn run_webhook(config: Config) -> anyhow::Result<bool> {
         .ok()
         .filter(|v| !v.is_empty());
     let server = WebhookServer::new(&config, env_region().as_deref(), own_namespace.as_deref())?;
-    let runtime = runtime(true)?;
+    let runtime = runtime(Threads::Workers(config.server.worker_threads))?;
     let w = &config.webhook;
     runtime.block_on(async move {
         let shutdown = pullthrough::signal::shutdown().context("installing signal handlers")?;
@@ -402,13 +401,23 @@ fn run_ecr(config: Config, command: pullthrough::ecr::cli::EcrCommand) -> ExitCo
     }
 }
 
-/// The async runtime: one thread for the node's long-running processes (the mirror, the node
-/// agent), where it costs the least CPU and memory; several for the webhook.
-fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
+/// How many threads a command's runtime runs on.
+enum Threads {
+    /// One: the node agent, which reconciles files once a minute and answers probes.
+    One,
+    /// Workers for a command that serves traffic: the configured number, or one per CPU.
+    Workers(Option<usize>),
+}
+
+/// The async runtime.
+fn runtime(threads: Threads) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::Workers(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(pullthrough::server::worker_threads(n));
+            b
+        }
     };
     builder
         .enable_all()

@@ -91,9 +91,11 @@ pub const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RawServer {
     header_read_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    worker_threads: Option<Spanned<i64>>,
 }
 
-/// `[server]`: connection limits of each listener of `pullthrough serve` (mirror and ops).
+/// `[server]`: connection limits of each listener, and the size of the long-running commands'
+/// async runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// How long a client may take to send a request head, counted from the connection's start
@@ -101,6 +103,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Open connections per listener; more are refused with 503 (see the module docs).
     pub max_connections: usize,
+    /// Worker threads of `serve`'s and `webhook`'s runtime; `None` means one per CPU the process
+    /// may use ([`worker_threads`]).
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Limits {
@@ -108,6 +113,7 @@ impl Default for Limits {
         Self {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            worker_threads: None,
         }
     }
 }
@@ -136,10 +142,41 @@ pub(crate) fn validate(raw: &RawServer, at: Locator<'_>) -> Result<Limits, Confi
                 )
             })?,
     };
+    let worker_threads = match &raw.worker_threads {
+        None => None,
+        Some(n) => Some(
+            usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_WORKER_THREADS).contains(n))
+                .ok_or_else(|| {
+                    at.err(
+                        &n.span(),
+                        "server.worker_threads",
+                        format!(
+                            "{} is out of range: 1 to {MAX_WORKER_THREADS} threads (leave it out \
+                             for one per CPU)",
+                            n.get_ref()
+                        ),
+                    )
+                })?,
+        ),
+    };
     Ok(Limits {
         header_read_timeout,
         max_connections,
+        worker_threads,
     })
+}
+
+/// Largest `server.worker_threads` accepted.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// How many worker threads the runtime of a command that serves traffic gets: `configured`, or
+/// one per CPU this process may use. `available_parallelism` follows the cgroup's CPU quota and
+/// the affinity mask, so a container limited to 2 CPUs on a 96-vCPU node gets 2 threads. Idle
+/// workers park and cost only their stacks' touched pages.
+pub fn worker_threads(configured: Option<usize>) -> usize {
+    configured.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// A request the server answers itself, before any handler sees it. Each becomes an OCI error
@@ -272,27 +309,15 @@ pub async fn serve<H: Handler>(
     .await
 }
 
-/// A stream HTTP is served on: a TCP stream, a TLS session, or a program's own wrapper of one.
+/// A stream HTTP is served on: a TCP stream or a TLS session.
 pub trait Connection:
     tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
 {
-    /// What the connection hands each of its requests, in the request's extensions.
-    type Extension: Clone + Send + Sync + 'static;
-
-    /// The value for this connection, if any. A handler that needs per-connection state (the
-    /// mirror's spliced bodies need the connection's pipe) finds it in each request.
-    fn extension(&self) -> Option<Self::Extension> {
-        None
-    }
 }
 
-impl Connection for TcpStream {
-    type Extension = ();
-}
+impl Connection for TcpStream {}
 
-impl Connection for tokio_rustls::server::TlsStream<TcpStream> {
-    type Extension = ();
-}
+impl Connection for tokio_rustls::server::TlsStream<TcpStream> {}
 
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -335,9 +360,9 @@ pub async fn serve_tls<H: Handler>(
 }
 
 /// The accept loop behind [`serve`] and [`serve_tls`]: `open` turns an accepted socket into the
-/// stream HTTP runs on (itself, a TLS session, or a program's own [`Connection`]), in the
-/// connection's own task, or into nothing to drop it.
-pub async fn serve_with<H, O, F, S>(
+/// stream HTTP runs on (itself, or a TLS session), in the connection's own task, or into nothing
+/// to drop it.
+async fn serve_with<H, O, F, S>(
     listener: TcpListener,
     handler: Arc<H>,
     shutdown: impl Future<Output = ()>,
@@ -408,11 +433,7 @@ where
                 tokio::spawn(async move {
                     let _slot = slot;
                     let Some(io) = opening.await else { return };
-                    let extension = io.extension();
-                    let svc = service_fn(move |mut req: Request<Incoming>| {
-                        if let Some(e) = &extension {
-                            req.extensions_mut().insert(e.clone());
-                        }
+                    let svc = service_fn(move |req: Request<Incoming>| {
                         let refused = Refused::check(req.method(), req.headers());
                         let fut = match refused {
                             Ok(()) => Ok(h.call(req)),
@@ -427,9 +448,6 @@ where
                     });
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
-                        // Bodies go out as a queue of their own buffers, never copied into one:
-                        // a connection type may rely on seeing each chunk as it was sent.
-                        .writev(true)
                         .max_buf_size(MAX_BUF)
                         .max_header_size(MAX_HEAD)
                         .max_headers(MAX_HEADERS)
@@ -553,9 +571,14 @@ mod tests {
             c.server,
             Limits {
                 header_read_timeout: Duration::from_millis(500),
-                max_connections: 16
+                max_connections: 16,
+                worker_threads: None,
             }
         );
+        let c = Config::from_toml_str("[server]\nworker_threads = 3\n", "p.toml").unwrap();
+        assert_eq!(c.server.worker_threads, Some(3));
+        assert_eq!(worker_threads(Some(3)), 3);
+        assert!(worker_threads(None) >= 1);
     }
 
     #[rstest]
@@ -582,6 +605,14 @@ mod tests {
     #[case::string_connections(
         "[server]\nmax_connections = \"many\"\n",
         "p.toml:2: server.max_connections: invalid type"
+    )]
+    #[case::zero_threads(
+        "[server]\nworker_threads = 0\n",
+        "p.toml:2: server.worker_threads: 0 is out of range: 1 to 1024 threads"
+    )]
+    #[case::too_many_threads(
+        "[server]\n\nworker_threads = 1025\n",
+        "p.toml:3: server.worker_threads: 1025 is out of range"
     )]
     #[case::unknown_key(
         "[server]\nmax_conections = 1\n",

@@ -98,6 +98,29 @@ impl Locator<'_> {
         }
     }
 
+    /// A duration such as `"5m"`, where `"0s"` means "off", or `default` when the key is absent.
+    pub(crate) fn duration_or_off(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(s) = value else {
+            return Ok(default);
+        };
+        humantime::parse_duration(s.get_ref()).map_err(|_| {
+            self.err(
+                &s.span(),
+                key,
+                format!(
+                    "{:?} is not a duration, e.g. \"{}\", or \"0s\" for off",
+                    s.get_ref(),
+                    humantime::format_duration(default)
+                ),
+            )
+        })
+    }
+
     /// An `IP:port` value, or `default` when the key is absent. `example` goes into the error.
     pub(crate) fn socket_addr(
         &self,

@@ -1,10 +1,11 @@
 //! Configuration: the root of the config file. A raw, serde-shaped [`RawConfig`] is read from
 //! TOML and turned into the validated [`Config`] the four programs use.
 //!
-//! The root owns the top-level keys (`listen`, `ops_listen`, `default_upstream`,
-//! `[manifest_cache]`) and composes the sections. The sections every program shares live beside
+//! The root owns the top-level keys (`listen`, `ops_listen`, `default_upstream`) and composes
+//! the sections. The sections every program shares live beside
 //! it ([`ecr`], [`upstreams`], [`timeouts`]); a section only one program or the shared server
-//! reads lives with that code (`[breaker]` in [`crate::mirror::breaker`], `[server]` in
+//! reads lives with that code (`[breaker]` in [`crate::mirror::breaker`], `[manifest_cache]` in
+//! [`crate::mirror::cache`], `[server]` in
 //! [`crate::server`], `[webhook]` in [`crate::webhook::config`], `[ecr_setup]` in
 //! [`crate::ecr::settings`]). Every section depends on [`error`] alone, never on this root, so the
 //! arrows from here into program folders are the only ones between config and a program that
@@ -55,7 +56,7 @@ pub struct RawConfig {
     #[serde(default)]
     timeouts: timeouts::RawTimeouts,
     #[serde(default)]
-    manifest_cache: RawManifestCache,
+    manifest_cache: crate::mirror::cache::RawManifestCache,
     #[serde(default)]
     webhook: crate::webhook::config::RawWebhook,
     #[serde(default)]
@@ -64,12 +65,6 @@ pub struct RawConfig {
     breaker: crate::mirror::breaker::RawBreaker,
     #[serde(default)]
     server: crate::server::RawServer,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawManifestCache {
-    max_bytes: Option<Spanned<u64>>,
 }
 
 /// The validated configuration.
@@ -87,8 +82,8 @@ pub struct Config {
     pub upstreams: BTreeMap<RegistryHost, Upstream>,
     /// Timeouts towards ECR, and the shutdown grace period.
     pub timeouts: Timeouts,
-    /// Upper bound, in bytes, of the in-memory manifest cache.
-    pub manifest_cache_bytes: u64,
+    /// `[manifest_cache]`: verified manifests, and for a short while what tags resolved to.
+    pub manifest_cache: crate::mirror::cache::CacheConfig,
     /// `[webhook]`: the admission webhook and `pullthrough rewrite`.
     pub webhook: crate::webhook::config::WebhookConfig,
     /// `[ecr_setup]`: what `pullthrough ecr setup` creates besides the rules.
@@ -206,12 +201,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
 
         let timeouts = timeouts::validate(&raw.timeouts, at)?;
 
-        let manifest_cache_bytes = raw
-            .manifest_cache
-            .max_bytes
-            .as_ref()
-            .map(|s| *s.get_ref())
-            .unwrap_or(64 * 1024 * 1024);
+        let manifest_cache = crate::mirror::cache::validate(&raw.manifest_cache, at)?;
 
         let webhook = crate::webhook::config::validate(&raw.webhook, at)?;
         let ecr_setup = crate::ecr::settings::EcrSetup::validate(
@@ -231,7 +221,7 @@ impl<'a> TryFrom<(RawConfig, Locator<'a>)> for Config {
             ecr,
             upstreams,
             timeouts,
-            manifest_cache_bytes,
+            manifest_cache,
             webhook,
             ecr_setup,
             breaker,
@@ -270,6 +260,13 @@ mod tests {
         assert_eq!(c.upstreams[&hub].server, "https://registry-1.docker.io");
         assert_eq!(c.timeouts, Timeouts::default());
         assert!(c.default_upstream.is_none());
+        assert_eq!(
+            c.manifest_cache,
+            crate::mirror::cache::CacheConfig {
+                max_bytes: 64 * 1024 * 1024,
+                tag_ttl: Duration::from_secs(300),
+            }
+        );
     }
 
     #[test]
@@ -307,6 +304,7 @@ shutdown = "1s"
 
 [manifest_cache]
 max_bytes = 1024
+tag_ttl = "0s"
 "#,
             ca.display()
         );
@@ -321,7 +319,8 @@ max_bytes = 1024
         let quay = RegistryHost::parse("quay.io").unwrap();
         assert_eq!(c.upstreams[&quay].server, "https://quay.example.com");
         assert_eq!(c.timeouts.connect, Duration::from_millis(500));
-        assert_eq!(c.manifest_cache_bytes, 1024);
+        assert_eq!(c.manifest_cache.max_bytes, 1024);
+        assert_eq!(c.manifest_cache.tag_ttl, Duration::ZERO);
     }
 
     #[rstest]
@@ -416,6 +415,10 @@ max_bytes = 1024
     #[case::default_not_configured(
         "default_upstream = \"ghcr.io\"\n[upstreams.\"docker.io\"]\nprefix = \"hub\"\n",
         "pullthrough.toml:1: default_upstream: \"ghcr.io\" is not a configured upstream (configured: docker.io)"
+    )]
+    #[case::bad_tag_ttl(
+        "[manifest_cache]\ntag_ttl = \"soon\"\n",
+        "pullthrough.toml:2: manifest_cache.tag_ttl: \"soon\" is not a duration, e.g. \"5m\", or \"0s\" for off"
     )]
     #[case::syntax("listen = \n", "pullthrough.toml:1: listen:")]
     #[case::unclosed_table("[ecr\n", "pullthrough.toml:1: (syntax):")]

@@ -46,9 +46,6 @@ pub struct Metrics {
     pub upstream_latency: Family<UpstreamLabels, Histogram>,
     /// Body bytes streamed from ECR to clients.
     pub upstream_bytes: Family<UpstreamLabels, Counter>,
-    /// Blob body bytes moved from a plain-HTTP endpoint to clients by `splice(2)`, without a
-    /// copy through pullthrough (part of `upstream_bytes`).
-    pub spliced_bytes: Counter,
     /// `GetAuthorizationToken` calls.
     pub token_fetches: Counter,
     /// Failed `GetAuthorizationToken` calls.
@@ -59,6 +56,10 @@ pub struct Metrics {
     pub manifest_cache_hits: Counter,
     /// Manifest requests that had to go to ECR.
     pub manifest_cache_misses: Counter,
+    /// Of the cache hits, requests by tag answered from what the tag resolved to lately.
+    pub manifest_tag_hits: Counter,
+    /// Of the misses, requests that shared another request's GET from ECR.
+    pub manifest_coalesced: Counter,
     /// Manifest requests by digest that ECR did not have: ECR's pull-through cache imports by
     /// tag only, so these are pulled from the upstream registry instead.
     pub digest_misses: Family<RegistryLabels, Counter>,
@@ -79,12 +80,13 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.005, 2.0, 14))
             }),
             upstream_bytes: Family::default(),
-            spliced_bytes: Counter::default(),
             token_fetches: Counter::default(),
             token_errors: Counter::default(),
             token_seconds_left: Gauge::default(),
             manifest_cache_hits: Counter::default(),
             manifest_cache_misses: Counter::default(),
+            manifest_tag_hits: Counter::default(),
+            manifest_coalesced: Counter::default(),
             digest_misses: Family::default(),
             breaker_open: Gauge::default(),
             breaker_fast_failures: Counter::default(),
@@ -105,11 +107,6 @@ impl Metrics {
             "upstream_body_bytes",
             "Body bytes streamed from the ECR endpoint to clients",
             m.upstream_bytes.clone(),
-        );
-        r.register(
-            "upstream_spliced_bytes",
-            "Blob body bytes moved from a plain-HTTP ECR endpoint to clients by splice(2), without a copy",
-            m.spliced_bytes.clone(),
         );
         r.register(
             "token_fetches",
@@ -135,6 +132,16 @@ impl Metrics {
             "manifest_cache_misses",
             "Manifest requests sent to the ECR endpoint",
             m.manifest_cache_misses.clone(),
+        );
+        r.register(
+            "manifest_tag_cache_hits",
+            "Manifest requests by tag answered from what the tag resolved to within manifest_cache.tag_ttl (part of the cache hits)",
+            m.manifest_tag_hits.clone(),
+        );
+        r.register(
+            "manifest_coalesced",
+            "Manifest requests that shared another identical request's GET from the ECR endpoint (part of the cache misses)",
+            m.manifest_coalesced.clone(),
         );
         r.register(
             "digest_misses",

@@ -8,14 +8,13 @@
 pub mod accesslog;
 pub mod breaker;
 pub mod cache;
+pub mod coalesce;
 pub mod forward;
 pub mod map;
 pub mod metrics;
 pub mod proxy;
 pub mod respond;
 pub mod route;
-#[cfg(target_os = "linux")]
-pub mod splice;
 pub mod token;
 
 use std::future::Future;
@@ -98,13 +97,12 @@ pub async fn serve(
     let grace = config.timeouts.shutdown;
     let limits = config.server;
     let (mirror_done, ops_done) = tokio::join!(
-        server::serve_with(
+        server::serve(
             mirror,
             Arc::new(proxy),
             stop.clone().cancelled_owned(),
             grace,
             limits,
-            |stream, _peer| async move { Some(connection(stream)) },
         ),
         server::serve(
             ops,
@@ -115,18 +113,6 @@ pub async fn serve(
         ),
     );
     Ok(mirror_done && ops_done)
-}
-
-/// The mirror's client connection: on Linux it can send blob bodies with `splice(2)`
-/// ([`splice`]).
-#[cfg(target_os = "linux")]
-fn connection(stream: tokio::net::TcpStream) -> splice::SpliceIo {
-    splice::SpliceIo::new(stream)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn connection(stream: tokio::net::TcpStream) -> tokio::net::TcpStream {
-    stream
 }
 
 /// How long `/readyz` waits for a token: below kubelet's default 1 s probe timeout, so a fetch

@@ -3,8 +3,7 @@
 //! [`Proxy::handle`] never fails: every error becomes a response in [`super::respond`], and every
 //! response is wrapped in the access log. Manifests are read whole (they are small and bounded)
 //! so that they can be verified, cached and answered to HEAD with their true size; blobs, tag
-//! lists and referrers stream straight through. On Linux a blob GET to a plain-HTTP endpoint is
-//! spliced ([`super::splice`]): its bytes go from socket to socket without entering user space.
+//! lists and referrers stream straight through.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +17,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::accesslog::{Entry, LoggedBody};
 use super::breaker::Breaker;
-use super::cache::{CachedManifest, ManifestCache};
+use super::cache::{CachedManifest, ManifestCache, TagCache, accept_key};
+use super::coalesce::{Flight, SingleFlight};
 use super::forward::{self, ForwardError, Forwarder, IdleTimeout};
 use super::map::{self, Target};
 use super::metrics::{Metrics, RegistryLabels, UpstreamLabels};
@@ -50,11 +50,12 @@ struct Inner {
     metrics: Metrics,
     /// Fails fast while the endpoint refuses or hangs.
     breaker: Breaker,
+    /// What tags resolved to, for `manifest_cache.tag_ttl`.
+    tags: TagCache,
+    /// Manifest GETs to ECR in flight, shared by identical concurrent requests.
+    flights: SingleFlight<FlightKey, Result<Fetched, ProxyError>>,
     /// Repositories whose digest miss was logged within the last [`DIGEST_MISS_LOG_EVERY`].
     digest_miss_logged: moka::future::Cache<String, ()>,
-    /// Blob GETs to a plain-HTTP endpoint, spliced.
-    #[cfg(target_os = "linux")]
-    splicer: super::splice::Client,
 }
 
 /// A successful answer, before logging.
@@ -74,11 +75,9 @@ impl Proxy {
         base: Option<Uri>,
         metrics: Metrics,
     ) -> Self {
-        let manifests = ManifestCache::new(config.manifest_cache_bytes);
+        let manifests = ManifestCache::new(config.manifest_cache.max_bytes);
+        let tags = TagCache::new(config.manifest_cache.tag_ttl);
         let breaker = Breaker::new(config.breaker, forwarder.clone(), metrics.clone());
-        #[cfg(target_os = "linux")]
-        let splicer =
-            super::splice::Client::new(config.timeouts.connect, config.timeouts.response_headers);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -88,12 +87,12 @@ impl Proxy {
                 manifests,
                 metrics,
                 breaker,
+                tags,
+                flights: SingleFlight::default(),
                 digest_miss_logged: moka::future::Cache::builder()
                     .max_capacity(DIGEST_MISS_LOG_REPOSITORIES)
                     .time_to_live(DIGEST_MISS_LOG_EVERY)
                     .build(),
-                #[cfg(target_os = "linux")]
-                splicer,
             }),
         }
     }
@@ -161,15 +160,6 @@ impl Proxy {
             Kind::Manifest(reference) => {
                 self.manifest(&api, &target, reference, head, req.headers())
                     .await
-            }
-            Kind::Blob(_) if !head => {
-                #[cfg(target_os = "linux")]
-                if let Some(slot) = req.extensions().get::<super::splice::Slot>()
-                    && let Some(served) = self.splice(&api, &target, req.headers(), slot).await?
-                {
-                    return Ok(served);
-                }
-                self.stream(&api, &target, head, req.headers()).await
             }
             _ => self.stream(&api, &target, head, req.headers()).await,
         }
@@ -267,62 +257,6 @@ impl Proxy {
         }
     }
 
-    /// A blob GET to a plain-HTTP endpoint, with the body spliced ([`super::splice`]), and the
-    /// same one retry with a fresh token after a 401 as [`Proxy::send_signed`]. `None` when this
-    /// one cannot be: a TLS endpoint, or an answer that only hyper's path relays (a redirect, a
-    /// body without a length), which then goes through [`Proxy::stream`] as a new request.
-    #[cfg(target_os = "linux")]
-    async fn splice(
-        &self,
-        api: &ApiRequest,
-        target: &Target,
-        client_headers: &HeaderMap,
-        slot: &super::splice::Slot,
-    ) -> Result<Option<Served>, ProxyError> {
-        // A TLS endpoint cannot be spliced: TLS must see every byte.
-        let token = self.inner.tokens.get().await?;
-        if self.base(&token)?.scheme() != Some(&http::uri::Scheme::HTTP) {
-            return Ok(None);
-        }
-        let splicer = &self.inner.splicer;
-        let answer = self
-            .exchange_signed(
-                api,
-                target,
-                client_headers,
-                |a: &super::splice::Answer| a.status,
-                |uri, headers| async move { splicer.get(&uri, &headers).await },
-            )
-            .await?;
-        let status = answer.status;
-        if !answer.spliceable() {
-            // An error ends here as it would on hyper's path.
-            if !status.is_redirection() {
-                check_status(status, Missing::Blob)?;
-            }
-            return Ok(None);
-        }
-        let mut headers = forward::response_headers(&answer.headers);
-        add_api_version(&mut headers);
-        let Some(body) = answer.into_body(
-            &self.inner.splicer,
-            slot.clone(),
-            self.inner.config.timeouts.response_headers,
-            self.inner.metrics.spliced_bytes.clone(),
-        ) else {
-            return Ok(None);
-        };
-        let mut response = Response::new(body.boxed());
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
-        Ok(Some(Served {
-            response,
-            upstream_path: target.path_and_query.clone(),
-            cache: "-",
-            from_upstream: true,
-        }))
-    }
-
     fn base(&self, token: &Token) -> Result<Uri, ProxyError> {
         self.inner
             .base
@@ -362,8 +296,9 @@ impl Proxy {
         })
     }
 
-    /// Manifests: from the cache by digest, else a GET from ECR (also for HEAD: it is not certain
-    /// that a HEAD makes ECR import an uncached image, and a GET gives the true size and digest).
+    /// Manifests: from the cache by digest (or by a tag resolved within `tag_ttl`), else a GET
+    /// from ECR, one for all concurrent identical requests. A GET also for HEAD: it is not certain
+    /// that a HEAD makes ECR import an uncached image, and a GET gives the true size and digest.
     async fn manifest(
         &self,
         api: &ApiRequest,
@@ -372,18 +307,21 @@ impl Proxy {
         head: bool,
         client_headers: &HeaderMap,
     ) -> Result<Served, ProxyError> {
-        let wanted = match reference {
-            ManifestRef::Digest(d) => Some(d),
-            ManifestRef::Tag(_) => None,
+        let inner = &self.inner;
+        let known = match reference {
+            ManifestRef::Digest(d) => Some(d.as_str().to_owned()),
+            ManifestRef::Tag(t) => inner.tags.get(&target.repository, t, client_headers).await,
         };
-        if let Some(d) = wanted
-            && let Some(m) = self
-                .inner
+        if let Some(d) = known
+            && let Some(m) = inner
                 .manifests
-                .get(&target.repository, d.as_str(), client_headers)
+                .get(&target.repository, &d, client_headers)
                 .await
         {
-            self.inner.metrics.manifest_cache_hits.inc();
+            inner.metrics.manifest_cache_hits.inc();
+            if matches!(reference, ManifestRef::Tag(_)) {
+                inner.metrics.manifest_tag_hits.inc();
+            }
             return Ok(Served {
                 response: manifest_response(StatusCode::OK, &m, None, head),
                 upstream_path: target.path_and_query.clone(),
@@ -391,30 +329,81 @@ impl Proxy {
                 from_upstream: false,
             });
         }
-        self.inner.metrics.manifest_cache_misses.inc();
+        inner.metrics.manifest_cache_misses.inc();
+        let key = FlightKey {
+            path_and_query: target.path_and_query.clone(),
+            accept: accept_key(client_headers),
+            if_none_match: client_headers
+                .get(http::header::IF_NONE_MATCH)
+                .map(|v| v.as_bytes().to_vec()),
+        };
+        let (fetched, flight) = inner
+            .flights
+            .run(key, || {
+                self.fetch_manifest(api, target, reference, client_headers)
+            })
+            .await;
+        let cache = match flight {
+            Flight::Led => "miss",
+            Flight::Joined => {
+                inner.metrics.manifest_coalesced.inc();
+                "shared"
+            }
+        };
+        let response = match fetched {
+            Ok(Fetched::Manifest { manifest, etag }) => {
+                manifest_response(StatusCode::OK, &manifest, etag.as_ref(), head)
+            }
+            Ok(Fetched::HeadersOnly { status, headers }) => {
+                let mut response = Response::new(empty());
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                response
+            }
+            Err(e) => {
+                if let ManifestRef::Digest(d) = reference
+                    && matches!(e, ProxyError::Status { status, .. } if status == StatusCode::NOT_FOUND)
+                {
+                    self.digest_miss(api, d.as_str()).await;
+                }
+                return Err(e);
+            }
+        };
+        Ok(Served {
+            response,
+            upstream_path: target.path_and_query.clone(),
+            cache,
+            from_upstream: true,
+        })
+    }
+
+    /// One manifest GET from ECR: read whole, verified against the digest asked for and the one
+    /// ECR states, and cached when it matched (by digest, and what its tag resolved to).
+    async fn fetch_manifest(
+        &self,
+        api: &ApiRequest,
+        target: &Target,
+        reference: &ManifestRef,
+        client_headers: &HeaderMap,
+    ) -> Result<Fetched, ProxyError> {
+        let wanted = match reference {
+            ManifestRef::Digest(d) => Some(d),
+            ManifestRef::Tag(_) => None,
+        };
         let resp = self
             .send_signed(api, Method::GET, target, client_headers)
             .await?;
-        if let Some(d) = wanted
-            && resp.status() == StatusCode::NOT_FOUND
-        {
-            self.digest_miss(api, d.as_str()).await;
-        }
         check_status(resp.status(), Missing::Manifest)?;
         let (parts, body) = resp.into_parts();
         if parts.status != StatusCode::OK {
             // 304 and redirects: headers only, as ECR sent them.
-            let mut response = Response::new(empty());
-            *response.status_mut() = parts.status;
-            *response.headers_mut() = forward::response_headers(&parts.headers);
+            let mut headers = forward::response_headers(&parts.headers);
             // The body is not relayed, so its length must not be announced.
-            response.headers_mut().remove(CONTENT_LENGTH);
-            add_api_version(response.headers_mut());
-            return Ok(Served {
-                response,
-                upstream_path: target.path_and_query.clone(),
-                cache: "miss",
-                from_upstream: true,
+            headers.remove(CONTENT_LENGTH);
+            add_api_version(&mut headers);
+            return Ok(Fetched::HeadersOnly {
+                status: parts.status,
+                headers,
             });
         }
         let body = Limited::new(body, MAX_MANIFEST_BYTES)
@@ -461,7 +450,7 @@ impl Proxy {
             });
         }
         let verified = header_digest.as_deref().is_none_or(|h| h == computed);
-        let m = CachedManifest {
+        let manifest = CachedManifest {
             body,
             media_type,
             digest: header_digest.unwrap_or_else(|| computed.clone()),
@@ -469,21 +458,44 @@ impl Proxy {
         if verified {
             self.inner
                 .manifests
-                .insert(&target.repository, m.clone())
+                .insert(&target.repository, manifest.clone())
                 .await;
+            if let ManifestRef::Tag(t) = reference {
+                self.inner
+                    .tags
+                    .insert(&target.repository, t, client_headers, &manifest.digest)
+                    .await;
+            }
         }
-        Ok(Served {
-            response: manifest_response(
-                StatusCode::OK,
-                &m,
-                parts.headers.get(http::header::ETAG),
-                head,
-            ),
-            upstream_path: target.path_and_query.clone(),
-            cache: "miss",
-            from_upstream: true,
+        Ok(Fetched::Manifest {
+            manifest,
+            etag: parts.headers.get(http::header::ETAG).cloned(),
         })
     }
+}
+
+/// What identifies one manifest GET to ECR: the same path, asked for with the same `Accept`
+/// (and the same condition), gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FlightKey {
+    path_and_query: String,
+    accept: String,
+    if_none_match: Option<Vec<u8>>,
+}
+
+/// A manifest GET's answer, shared by every request that waited for it.
+#[derive(Debug, Clone)]
+enum Fetched {
+    /// A whole manifest.
+    Manifest {
+        manifest: CachedManifest,
+        etag: Option<HeaderValue>,
+    },
+    /// A 304 or a redirect: headers only, as ECR sent them.
+    HeadersOnly {
+        status: StatusCode,
+        headers: HeaderMap,
+    },
 }
 
 impl Proxy {

@@ -37,8 +37,9 @@ pub enum Missing {
     Repository,
 }
 
-/// Everything that can go wrong serving one request.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can go wrong serving one request. `Clone`, so that requests that shared one
+/// upstream exchange ([`super::coalesce`]) all answer with its error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     /// The request was refused by the router.
     #[error(transparent)]
