@@ -24,7 +24,10 @@ use crate::support::image::Image;
 use crate::support::moto::Moto;
 use crate::support::pullthrough::{Options, Pullthrough};
 use crate::support::registry::Registry;
-use crate::support::{ChildGuard, STARTUP_TIMEOUT, dead_port, pullthrough_ok, short_tempdir};
+use crate::support::{
+    ChildGuard, STARTUP_TIMEOUT, dead_port, eventually, pullthrough_ok, short_tempdir,
+    try_eventually,
+};
 
 /// Debian's Docker CLI (20.10), not whatever `docker` comes first in `PATH` (a newer CLI may).
 const DOCKER: &str = "/usr/bin/docker";
@@ -85,9 +88,11 @@ impl Stack {
     }
 
     /// Every S3 blob download went without a credential, and at least one happened for `repo`.
-    fn assert_blobs_from_s3(&self, repo: &str) {
+    async fn assert_blobs_from_s3(&self, repo: &str) {
+        // The front logs a request once it has answered it: wait for the line.
+        let found = try_eventually(|| (!self.front.s3_blobs(repo).is_empty()).then_some(())).await;
         assert!(
-            !self.front.s3_blobs(repo).is_empty(),
+            found.is_some(),
             "no blob of {repo} from S3:\n{}",
             self.front.log_text()
         );
@@ -307,7 +312,7 @@ async fn docker_engine_pulls_through_registry_mirrors() {
             "{reference}"
         );
         s.assert_ecr_served(repo, tag).await;
-        s.assert_blobs_from_s3(repo);
+        s.assert_blobs_from_s3(repo).await;
     }
     // dockerd names no registry (`/v2/library/alpine/...`): pullthrough's default_upstream did.
     let log = s.pt.access_log();
@@ -329,10 +334,8 @@ async fn docker_engine_pulls_through_registry_mirrors() {
     assert!(stderr.contains("registry-1.docker.io"), "{stderr}");
     assert!(!stderr.contains(&s.pt.host()), "{stderr}");
     let miss =
-        s.pt.access_log()
-            .into_iter()
-            .find(|l| l["upstream_path"] == "/v2/docker-hub/nosuch/image/manifests/1")
-            .unwrap_or_else(|| panic!("no access-log line for the miss:\n{}", s.pt.log()));
+        s.pt.wait_for_access("/v2/docker-hub/nosuch/image/manifests/1")
+            .await;
     assert_eq!(miss["status"], 404, "{miss}");
     // ...and the fallback went to the dead proxy, not out of the machine.
     assert!(
@@ -417,7 +420,7 @@ async fn podman_pulls_through_the_registries_conf_drop_in() {
             "{reference}"
         );
         s.assert_ecr_served(repo, tag).await;
-        s.assert_blobs_from_s3(repo);
+        s.assert_blobs_from_s3(repo).await;
         // The path-prefix form: the registry's name is the first path component.
         let registry = reference.split('/').next().unwrap();
         assert!(
@@ -520,7 +523,7 @@ async fn oci_client_pulls_a_manifest_an_index_and_a_layer_by_path_prefix() {
         bytes == alpine.manifests[0].layers[0].bytes,
         "layer bytes differ"
     );
-    s.assert_blobs_from_s3("docker-hub/library/alpine");
+    s.assert_blobs_from_s3("docker-hub/library/alpine").await;
 
     // An index, and the platform manifest it resolves to for this machine (linux/amd64).
     let reference: Reference = format!("{}/docker.io/library/multi:1", s.pt.host())
@@ -542,11 +545,13 @@ async fn oci_client_pulls_a_manifest_an_index_and_a_layer_by_path_prefix() {
     );
     assert_eq!(list_digest.as_deref(), Some(multi.digest()));
     s.assert_ecr_served("docker-hub/library/multi", "1").await;
-    assert_eq!(
-        s.front.imports(),
-        [
-            "docker-hub/library/alpine:3.19",
-            "docker-hub/library/multi:1"
-        ]
-    );
+    eventually("both imports in the front's log", || {
+        (s.front.imports()
+            == [
+                "docker-hub/library/alpine:3.19",
+                "docker-hub/library/multi:1",
+            ])
+        .then_some(())
+    })
+    .await;
 }

@@ -122,14 +122,15 @@ async fn containerd_pulls_every_image_through_pullthrough(#[case] version: Conta
         "/v2/docker-hub/library/pinned/manifests/{}",
         pinned_image.digest()
     );
-    assert!(
+    let missed = crate::support::try_eventually(|| {
         front
             .ecr_requests()
             .iter()
-            .any(|r| r.path == by_digest && r.status == Some(404)),
-        "{err}\n{}",
-        front.log_text()
-    );
+            .any(|r| r.path == by_digest && r.status == Some(404))
+            .then_some(())
+    })
+    .await;
+    assert!(missed.is_some(), "{err}\n{}", front.log_text());
     assert!(front.upstream_requests().is_empty(), "{}", front.log_text());
     assert!(
         pt.metric(DIGEST_MISSES).await.unwrap_or(0.0) >= 1.0,
@@ -198,7 +199,11 @@ async fn containerd_pulls_every_image_through_pullthrough(#[case] version: Conta
         .map(|c| format!("{}:{}", c.repository, c.tag))
         .collect();
     want_imports.insert("docker-hub/library/pinned:1".to_owned());
-    let imports = front.imports();
+    let imports = eventually("every import in the front's log", || {
+        let i = front.imports();
+        (i.len() >= want_imports.len()).then_some(i)
+    })
+    .await;
     assert_eq!(imports.len(), want_imports.len(), "{imports:?}");
     assert_eq!(imports.into_iter().collect::<BTreeSet<_>>(), want_imports);
     for c in &cases {
