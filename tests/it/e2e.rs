@@ -122,14 +122,15 @@ async fn containerd_pulls_every_image_through_pullthrough(#[case] version: Conta
         "/v2/docker-hub/library/pinned/manifests/{}",
         pinned_image.digest()
     );
-    assert!(
+    let missed = crate::support::try_eventually(|| {
         front
             .ecr_requests()
             .iter()
-            .any(|r| r.path == by_digest && r.status == Some(404)),
-        "{err}\n{}",
-        front.log_text()
-    );
+            .any(|r| r.path == by_digest && r.status == Some(404))
+            .then_some(())
+    })
+    .await;
+    assert!(missed.is_some(), "{err}\n{}", front.log_text());
     assert!(front.upstream_requests().is_empty(), "{}", front.log_text());
     assert!(
         pt.metric(DIGEST_MISSES).await.unwrap_or(0.0) >= 1.0,
@@ -198,7 +199,11 @@ async fn containerd_pulls_every_image_through_pullthrough(#[case] version: Conta
         .map(|c| format!("{}:{}", c.repository, c.tag))
         .collect();
     want_imports.insert("docker-hub/library/pinned:1".to_owned());
-    let imports = front.imports();
+    let imports = eventually("every import in the front's log", || {
+        let i = front.imports();
+        (i.len() >= want_imports.len()).then_some(i)
+    })
+    .await;
     assert_eq!(imports.len(), want_imports.len(), "{imports:?}");
     assert_eq!(imports.into_iter().collect::<BTreeSet<_>>(), want_imports);
     for c in &cases {
@@ -431,4 +436,40 @@ async fn skopeo_pulls_through_the_registries_conf_drop_in() {
             ecr.paths_seen()
         );
     }
+
+    // `skopeo inspect` reads the manifest through the mirror, but lists the repository's tags at
+    // the registry the name says (quay.io itself: neither the mirror nor `location`), so it fails
+    // here unless told `--no-tags`. That request goes to a proxy at a dead loopback port, so it
+    // is refused without leaving the machine (not even a DNS lookup: Go leaves that to the proxy;
+    // loopback is never proxied, so the mirror is reached as before).
+    let proxy = format!("http://127.0.0.1:{}", crate::support::dead_port());
+    let inspect = |extra: &[&str]| {
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--retry-times=0"])
+            .args(extra)
+            .arg("docker://quay.io/org/app:1")
+            .env("HOME", home.path())
+            .env("HTTPS_PROXY", &proxy)
+            .env("HTTP_PROXY", &proxy)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .output()
+            .unwrap()
+    };
+    let out = inspect(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("repository tags"), "{stderr}");
+    assert!(stderr.contains("quay.io/v2/"), "{stderr}");
+    assert!(
+        stderr.contains(proxy.trim_start_matches("http://")),
+        "{stderr}"
+    );
+    let out = inspect(&["--no-tags"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["Digest"], image.digest(), "{v}");
 }

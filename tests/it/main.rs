@@ -13,6 +13,7 @@
 mod abuse;
 mod chart;
 mod cli;
+mod clients;
 mod digest_pinned;
 mod e2e;
 mod ecr;

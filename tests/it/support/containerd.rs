@@ -328,10 +328,12 @@ impl Containerd {
     /// default) rather than the older local pull (`client.Pull()`, always on 1.x). `None` if the
     /// log has neither line for it.
     pub fn cri_pulled_with_transfer_service(&self, image: &str) -> Option<bool> {
-        let log = self.log();
+        // logrus's text format quotes the message and escapes its quotes:
+        // msg="PullImage \"<image>\" with snapshotter native using transfer service"
         let needle = format!("PullImage \\\"{image}\\\"");
-        log.lines()
-            .filter(|l| l.contains(&needle) || l.contains(&format!("PullImage \"{image}\"")))
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&needle))
             .find_map(|l| {
                 if l.contains("using transfer service") {
                     Some(true)

@@ -671,9 +671,11 @@ class EcrHandler(Handler):
         """Sends this request to the backend with the client's credential and relays the answer."""
         headers = {"Authorization": auth}
         for name in PASS_REQUEST_HEADERS:
-            value = self.headers.get(name)
-            if value is not None:
-                headers[name.title()] = value
+            # A client may send a header more than once (containers/image sends one Accept per
+            # media type): keep every value, as one comma-separated header.
+            values = self.headers.get_all(name)
+            if values:
+                headers[name.title()] = ", ".join(values)
         if accept_default and "Accept" not in headers:
             headers["Accept"] = accept_default
         body = None

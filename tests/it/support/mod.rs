@@ -12,8 +12,8 @@
 //!   blobs as 307 to an S3-like server) in front of a [`registry`].
 //! - [`moto`]: moto's server standing in for ECR's `GetAuthorizationToken`.
 //! - [`image`]: OCI images built in memory (single-arch and multi-arch).
-//! - [`containerd`]: a private containerd daemon plus a hand-written CRI
-//!   `ImageService` client and a `ctr` wrapper.
+//! - [`containerd`]: a private containerd daemon of a given version (1.6, 1.7, 2.1) plus a
+//!   hand-written CRI `ImageService` client and a `ctr` wrapper of the same version.
 //! - [`http`]: a one-shot HTTP/1 client for talking to any of the above.
 //! - [`k8s`]: the pinned `kubectl` and `helm`, cached renders, and the checks every rendered
 //!   Kubernetes object gets (typed round-trips, custom resources' fields).
