@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::setup::{Action, Target};
-use super::{EcrOpsError, aws, check, cleanup, pods, setup, warm};
+use super::{EcrOpsError, aws, check, cleanup, pods, setup, warm, warm_report};
 use crate::config::Config;
 use crate::mirror::forward::Forwarder;
 use crate::mirror::metrics::Metrics;
@@ -171,7 +171,7 @@ pub async fn run(
             if let Some(header) = &input.header {
                 writeln!(out, "{header}")?;
             }
-            out.write_all(warm::render(&results).as_bytes())?;
+            out.write_all(warm_report::render(&results).as_bytes())?;
             let interrupted = results
                 .iter()
                 .filter(|w| matches!(w.outcome, warm::Outcome::Interrupted))
@@ -231,7 +231,7 @@ fn warm_input(
     if let Some(f) = file {
         let text = std::fs::read_to_string(f)
             .map_err(|e| EcrOpsError::Usage(format!("--file {}: cannot read: {e}", f.display())))?;
-        input.named.extend(warm::parse_images_file(&text));
+        input.named.extend(warm_report::parse_images_file(&text));
     }
     if let Some(p) = from_pods {
         let stdin = p == Path::new("-");

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod settings;
 pub mod setup;
 pub mod warm;
+pub mod warm_report;
 
 /// What went wrong in an `ecr` command.
 #[derive(Debug, thiserror::Error)]
