@@ -5,7 +5,8 @@
 //! - `loadgen get URL --conns N --secs S [--ca FILE] [--header 'K: V']…`: N keep-alive
 //!   connections, each sending GETs back to back for S seconds (after a one-second warm-up);
 //!   prints one JSON line: requests per second, p50 and p99 latency in ms, and the responses
-//!   that were not 2xx or 3xx (or failed).
+//!   that were not 2xx or 3xx (or failed). `{conn}` in the URL becomes the connection's number,
+//!   so that connections can ask for different things (no two in-flight requests alike).
 //! - `loadgen redirect --listen ADDR --password PW [--cert FILE --key FILE]`: a registry endpoint
 //!   that answers every blob GET with `307` to an S3-like URL, as ECR does, after checking the
 //!   Basic credentials `AWS:PW`; `/v2/` answers `{}`. What the mirror relays for every layer of
@@ -81,7 +82,9 @@ fn client_tls(ca: &str) -> Arc<rustls::ClientConfig> {
 }
 
 async fn get(args: &[String]) {
-    let url: Uri = args.first().expect("URL").parse().expect("URL");
+    // `{conn}` is not valid in a URI: parse the URL with a stand-in, substitute per connection.
+    let raw = args.first().expect("URL").replace("{conn}", "%7Bconn%7D");
+    let url: Uri = raw.parse().expect("URL");
     let conns: usize = flag(args, "--conns").map_or(1, |v| v.parse().expect("--conns"));
     let secs: u64 = flag(args, "--secs").map_or(5, |v| v.parse().expect("--secs"));
     let host = url.host().expect("URL host").to_owned();
@@ -101,8 +104,14 @@ async fn get(args: &[String]) {
     let start = Instant::now() + warmup;
     let stop = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let (url, host, headers, tls) = (url.clone(), host.clone(), headers.clone(), tls.clone());
+    for n in 0..conns {
+        let url: Uri = url
+            .to_string()
+            .replace("%7Bconn%7D", &n.to_string())
+            .replace("{conn}", &n.to_string())
+            .parse()
+            .expect("URL with {conn}");
+        let (host, headers, tls) = (host.clone(), headers.clone(), tls.clone());
         tasks.push(tokio::spawn(async move {
             one_connection(url, host, port, tls, headers, start, stop).await
         }));
