@@ -81,21 +81,7 @@ impl Locator<'_> {
         key: &str,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        let Some(s) = value else {
-            return Ok(default);
-        };
-        match humantime::parse_duration(s.get_ref()) {
-            Ok(d) if !d.is_zero() => Ok(d),
-            _ => Err(self.err(
-                &s.span(),
-                key,
-                format!(
-                    "{:?} is not a positive duration, e.g. \"{}\" or \"500ms\"",
-                    s.get_ref(),
-                    humantime::format_duration(default)
-                ),
-            )),
-        }
+        self.duration(value, key, default, false)
     }
 
     /// A duration such as `"5m"`, where `"0s"` means "off", or `default` when the key is absent.
@@ -105,20 +91,31 @@ impl Locator<'_> {
         key: &str,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
+        self.duration(value, key, default, true)
+    }
+
+    fn duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        zero_is_off: bool,
+    ) -> Result<Duration, ConfigError> {
         let Some(s) = value else {
             return Ok(default);
         };
-        humantime::parse_duration(s.get_ref()).map_err(|_| {
-            self.err(
-                &s.span(),
-                key,
-                format!(
-                    "{:?} is not a duration, e.g. \"{}\", or \"0s\" for off",
-                    s.get_ref(),
-                    humantime::format_duration(default)
-                ),
-            )
-        })
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if zero_is_off || !d.is_zero() => Ok(d),
+            _ => {
+                let example = humantime::format_duration(default);
+                let what = if zero_is_off {
+                    format!("is not a duration, e.g. \"{example}\", or \"0s\" for off")
+                } else {
+                    format!("is not a positive duration, e.g. \"{example}\" or \"500ms\"")
+                };
+                Err(self.err(&s.span(), key, format!("{:?} {what}", s.get_ref())))
+            }
+        }
     }
 
     /// An `IP:port` value, or `default` when the key is absent. `example` goes into the error.
