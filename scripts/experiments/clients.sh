@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Docker Engine (Debian 12's docker.io 20.10) and podman (4.3) pulling through a mirror, the
-# experiments behind the Docker/podman part of NOTES-containerd.md. Run as root inside a fresh
+# experiments behind the Docker/podman part of tests/fixtures/containerd/NOTES.md. Run as root inside a fresh
 # network namespace, so the real registries cannot be reached and only the mirror can serve:
 #
 #   unshare -n sh -c 'ip link set lo up && scripts/experiments/clients.sh'

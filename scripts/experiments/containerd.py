@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Which containerd configs send pulls through a hosts.toml mirror? The experiments behind
-NOTES-containerd.md, kept so they can be rerun.
+tests/fixtures/containerd/NOTES.md, kept so they can be rerun.
 
 Run as root inside a fresh network namespace, so nothing can leave the machine whatever
 containerd does (a bypassed mirror means containerd tries docker.io itself):
