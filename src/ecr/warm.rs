@@ -319,14 +319,7 @@ impl Fetcher {
                 body: text.trim().to_owned(),
             });
         }
-        let digest = header_digest.unwrap_or_else(|| {
-            use sha2::{Digest as _, Sha256};
-            let hex: String = Sha256::digest(&body)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            format!("sha256:{hex}")
-        });
+        let digest = header_digest.unwrap_or_else(|| crate::oci::Digest::sha256_of(&body));
         Ok(Fetched {
             children: children(&media_type, &body),
             media_type,

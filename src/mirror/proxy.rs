@@ -13,7 +13,6 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use sha2::{Digest as _, Sha256};
 
 use super::accesslog::{Entry, LoggedBody};
 use super::breaker::Breaker;
@@ -27,7 +26,7 @@ use super::route::{self, ApiRequest, Kind, ManifestRef, Route};
 use super::token::{TOKEN_WAIT, Token, TokenCache};
 use crate::body::{ResponseBody, empty, full};
 use crate::config::Config;
-use crate::oci::{API_VERSION, API_VERSION_HEADER};
+use crate::oci::{API_VERSION, API_VERSION_HEADER, Digest};
 
 /// Largest manifest accepted from ECR; registries (ECR included) refuse larger ones on push.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -417,7 +416,7 @@ impl Proxy {
                 }
             })?
             .to_bytes();
-        let computed = format!("sha256:{}", hex(&Sha256::digest(&body)));
+        let computed = Digest::sha256_of(&body);
         if let Some(d) = wanted
             && d.sha256_hex().is_some()
             && d.as_str() != computed
@@ -580,16 +579,6 @@ fn root_response() -> Response<ResponseBody> {
 
 fn add_api_version(h: &mut HeaderMap) {
     h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 impl crate::server::Handler for Proxy {

@@ -173,6 +173,18 @@ impl Digest {
         &self.0
     }
 
+    /// The `sha256:<hex>` digest of `content`: what a registry names it by.
+    pub fn sha256_of(content: &[u8]) -> String {
+        use sha2::{Digest as _, Sha256};
+        use std::fmt::Write as _;
+        let mut digest = String::with_capacity("sha256:".len() + 64);
+        digest.push_str("sha256:");
+        for b in Sha256::digest(content) {
+            let _ = write!(digest, "{b:02x}");
+        }
+        digest
+    }
+
     /// The hex part of a sha256 digest, the only algorithm this proxy verifies.
     pub fn sha256_hex(&self) -> Option<&str> {
         self.0.strip_prefix("sha256:")
@@ -254,6 +266,16 @@ pub fn error_response(
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    #[test]
+    fn sha256_of_names_content_as_a_registry_does() {
+        let d = Digest::sha256_of(b"");
+        assert_eq!(
+            d,
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert!(Digest::parse(&d).is_some());
+    }
 
     #[rstest]
     #[case::hub("docker.io", Some("docker.io"))]
