@@ -126,41 +126,25 @@ pub(crate) fn validate(raw: &RawServer, at: Locator<'_>) -> Result<Limits, Confi
         "server.header_read_timeout",
         defaults.header_read_timeout,
     )?;
-    let max_connections = match &raw.max_connections {
-        None => defaults.max_connections,
-        Some(n) => usize::try_from(*n.get_ref())
-            .ok()
-            .filter(|n| (1..=MAX_MAX_CONNECTIONS).contains(n))
-            .ok_or_else(|| {
-                at.err(
-                    &n.span(),
-                    "server.max_connections",
-                    format!(
-                        "{} is out of range: 1 to {MAX_MAX_CONNECTIONS} connections per listener",
-                        n.get_ref()
-                    ),
-                )
-            })?,
-    };
-    let worker_threads = match &raw.worker_threads {
-        None => None,
-        Some(n) => Some(
-            usize::try_from(*n.get_ref())
-                .ok()
-                .filter(|n| (1..=MAX_WORKER_THREADS).contains(n))
-                .ok_or_else(|| {
-                    at.err(
-                        &n.span(),
-                        "server.worker_threads",
-                        format!(
-                            "{} is out of range: 1 to {MAX_WORKER_THREADS} threads (leave it out \
-                             for one per CPU)",
-                            n.get_ref()
-                        ),
-                    )
-                })?,
-        ),
-    };
+    let max_connections = at
+        .count(
+            &raw.max_connections,
+            "server.max_connections",
+            MAX_MAX_CONNECTIONS,
+            |n| format!("{n} is out of range: 1 to {MAX_MAX_CONNECTIONS} connections per listener"),
+        )?
+        .unwrap_or(defaults.max_connections);
+    let worker_threads = at.count(
+        &raw.worker_threads,
+        "server.worker_threads",
+        MAX_WORKER_THREADS,
+        |n| {
+            format!(
+                "{n} is out of range: 1 to {MAX_WORKER_THREADS} threads (leave it out for one \
+                 per CPU)"
+            )
+        },
+    )?;
     Ok(Limits {
         header_read_timeout,
         max_connections,

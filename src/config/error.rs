@@ -118,6 +118,25 @@ impl Locator<'_> {
         }
     }
 
+    /// A count from 1 to `max`, or `None` when the key is absent. `refused` words the error for
+    /// the number written (0, a negative number, or more than `max`).
+    pub(crate) fn count(
+        &self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        max: usize,
+        refused: impl FnOnce(i64) -> String,
+    ) -> Result<Option<usize>, ConfigError> {
+        let Some(n) = value else {
+            return Ok(None);
+        };
+        usize::try_from(*n.get_ref())
+            .ok()
+            .filter(|c| (1..=max).contains(c))
+            .map(Some)
+            .ok_or_else(|| self.err(&n.span(), key, refused(*n.get_ref())))
+    }
+
     /// An `IP:port` value, or `default` when the key is absent. `example` goes into the error.
     pub(crate) fn socket_addr(
         &self,

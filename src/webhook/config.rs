@@ -275,22 +275,10 @@ pub(crate) fn validate(raw: &RawWebhook, at: Locator<'_>) -> Result<WebhookConfi
     let warm_dedupe =
         at.positive_duration(&raw.warm_dedupe, "webhook.warm_dedupe", DEFAULT_WARM_DEDUPE)?;
     let count = |v: &Option<Spanned<i64>>, key: &str, default: usize, max: usize, what: &str| {
-        let Some(n) = v else {
-            return Ok(default);
-        };
-        usize::try_from(*n.get_ref())
-            .ok()
-            .filter(|x| (1..=max).contains(x))
-            .ok_or_else(|| {
-                at.err(
-                    &n.span(),
-                    key,
-                    format!(
-                        "{} is not {what} from 1 to {max}, e.g. {default}",
-                        n.get_ref()
-                    ),
-                )
-            })
+        at.count(v, key, max, |n| {
+            format!("{n} is not {what} from 1 to {max}, e.g. {default}")
+        })
+        .map(|c| c.unwrap_or(default))
     };
     let warm_queue = count(
         &raw.warm_queue,
