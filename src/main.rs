@@ -149,6 +149,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.log_format);
+    // One crypto provider for every TLS client in the process: ours, the AWS SDK's, and the
+    // webhook's server side.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Command::Hosts {
         remove: true, dir, ..
     } = &cli.command
@@ -276,8 +279,6 @@ fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool 
 }
 
 fn run_serve(config: Config) -> anyhow::Result<bool> {
-    // One crypto provider for every TLS client in the process (ours and the AWS SDK's).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     // All the CPUs the pod may use: on a node, concurrent pulls (TLS to ECR, manifests, and
     // blob bytes from endpoints that do not redirect) would otherwise share one core.
     let runtime = runtime(Threads::Workers(config.server.worker_threads))?;
@@ -361,8 +362,6 @@ fn env_region() -> Option<String> {
 
 fn run_webhook(config: Config) -> anyhow::Result<bool> {
     use pullthrough::webhook::WebhookServer;
-    // One crypto provider for every TLS client in the process (the AWS SDK's, when warming).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let own_namespace = std::env::var("POD_NAMESPACE")
         .ok()
         .filter(|v| !v.is_empty());
@@ -403,15 +402,12 @@ fn run_rewrite(config: &Config, output: Output, images: &[String]) -> anyhow::Re
 
 /// `pullthrough ecr …`: 0 when everything passed, 1 when something failed, 64 for usage.
 fn run_ecr(config: Config, command: pullthrough::ecr::cli::EcrCommand) -> ExitCode {
-    // One crypto provider for every TLS client in the process (ours and the AWS SDK's).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker per CPU, whatever `[server] worker_threads` says: that key is for the
+    // long-running commands, and an `ecr` command is a client that comes and goes.
+    let runtime = match runtime(Threads::Workers(None)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("pullthrough: starting the async runtime: {e}");
+            eprintln!("pullthrough: {e:#}");
             return ExitCode::FAILURE;
         }
     };
