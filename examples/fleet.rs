@@ -225,18 +225,13 @@ async fn node(api: Arc<Api>, design: Design, wait: Duration, start: Duration) ->
         served += u32::from(ok);
         waits.push(waited);
     }
-    {
-        let mut r = report.lock().map(|r| r.clone()).unwrap_or_default();
+    if let Ok(mut r) = report.lock() {
         r.first_pulls_upstream = PODS - served;
         if served > 0 {
             // One tag and one platform manifest per image, shared by the node's pods.
             r.manifest_gets = vec![start + t0.elapsed(); (2 * IMAGES) as usize];
         }
-        if let Ok(mut rep) = report.lock() {
-            rep.first_pulls_upstream = r.first_pulls_upstream;
-            rep.manifest_gets = r.manifest_gets;
-            rep.first_pull_waits = waits;
-        }
+        r.first_pull_waits = waits;
     }
     // Later pulls, until the node has its token.
     while t0.elapsed() < HORIZON {
