@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -1797,14 +1796,14 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     webhook.wait_for_port(https).await;
     webhook.wait_for_port(webhook_ops).await;
     let review = read("tests/fixtures/admission/deployment-pod.json");
-    let answer = post_over_tls(
-        https,
-        &certs.path().join("ca.crt"),
-        "/mutate",
-        review.as_bytes(),
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Over TLS trusting only the test CA, for the Service name the API server dials.
+    let (tls, _) = crate::webhook::connect(https, &certs.path().join("ca.crt"))
+        .await
+        .unwrap();
+    let mut sender = crate::webhook::http_over(tls).await;
+    let (status, answer) = crate::webhook::post(&mut sender, "/mutate", review.into_bytes()).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status, 200, "{answer}");
     assert!(
         answer.contains("\"patch\""),
         "the pod was rewritten: {answer}"
@@ -1845,45 +1844,6 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     );
     node.terminate(Duration::from_secs(5));
     webhook.terminate(Duration::from_secs(5));
-}
-
-/// POSTs `body` as JSON over HTTPS to 127.0.0.1:`port`, trusting only `ca` and checking the
-/// certificate for the Service name the API server dials; the raw response.
-async fn post_over_tls(port: u16, ca: &Path, path: &str, body: &[u8]) -> String {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    const SERVICE: &str = "pullthrough-webhook.pullthrough.svc";
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(ca).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(SERVICE).unwrap(), tcp)
-        .await
-        .unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {SERVICE}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    tls.write_all(head.as_bytes()).await.unwrap();
-    tls.write_all(body).await.unwrap();
-    let mut out = Vec::new();
-    // A server that closes without close_notify ends the read with an error after the data.
-    let _ = tls.read_to_end(&mut out).await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 // --- Values documentation ----------------------------------------------------------------------

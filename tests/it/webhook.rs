@@ -428,7 +428,10 @@ fn pem_cert(path: &Path) -> CertificateDer<'static> {
 }
 
 /// Opens a TLS connection trusting only `ca`, and returns it with the server's leaf certificate.
-async fn connect(port: u16, ca: &Path) -> Result<(TlsStream<TcpStream>, Vec<u8>), String> {
+pub(crate) async fn connect(
+    port: u16,
+    ca: &Path,
+) -> Result<(TlsStream<TcpStream>, Vec<u8>), String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pem_cert(ca)).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -449,9 +452,9 @@ async fn connect(port: u16, ca: &Path) -> Result<(TlsStream<TcpStream>, Vec<u8>)
     Ok((tls, leaf))
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn http_over(tls: TlsStream<TcpStream>) -> Sender {
+pub(crate) async fn http_over(tls: TlsStream<TcpStream>) -> Sender {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -459,7 +462,7 @@ async fn http_over(tls: TlsStream<TcpStream>) -> Sender {
     sender
 }
 
-async fn post(sender: &mut Sender, path: &str, body: Vec<u8>) -> (StatusCode, Bytes) {
+pub(crate) async fn post(sender: &mut Sender, path: &str, body: Vec<u8>) -> (StatusCode, Bytes) {
     let req = Request::builder()
         .method(Method::POST)
         .uri(path)
