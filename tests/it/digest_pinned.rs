@@ -87,23 +87,17 @@ async fn a_digest_pinned_pull_is_served_from_ecr_after_warm_from_pods() {
     let dir = tempfile::tempdir().unwrap();
     let pods = dir.path().join("pods.json");
     std::fs::write(&pods, pod_list(&pinned)).unwrap();
-    let out = Command::new(pullthrough_bin())
-        .args(["ecr", "warm", "--config"])
-        .arg(pt.config_path())
-        .arg("--from-pods")
-        .arg(&pods)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("AWS_ENDPOINT_URL_ECR", moto.endpoint())
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .output()
-        .unwrap();
+    let out = crate::support::pullthrough::test_aws_env(
+        Command::new(pullthrough_bin())
+            .args(["ecr", "warm", "--config"])
+            .arg(pt.config_path())
+            .arg("--from-pods")
+            .arg(&pods),
+        &moto.endpoint(),
+        "warm",
+    )
+    .output()
+    .unwrap();
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
         out.status.code(),

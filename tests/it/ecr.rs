@@ -18,18 +18,8 @@ use crate::support::{free_port, pullthrough_bin};
 /// `pullthrough ecr <args>` with the ECR API pointed at `ecr_api` and no real identity.
 fn ecr_command(args: &[&str], ecr_api: &str) -> Command {
     let mut c = Command::new(pullthrough_bin());
-    c.arg("ecr")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("AWS_ENDPOINT_URL_ECR", ecr_api)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    c.arg("ecr").args(args);
+    crate::support::pullthrough::test_aws_env(&mut c, ecr_api, "warn");
     c
 }
 

@@ -924,21 +924,14 @@ async fn spawn_warming_webhook(
     let path = write_config(dir, &text);
     let mut child = ChildGuard::spawn(
         "pullthrough-webhook",
-        Command::new(pullthrough_bin())
-            .args(["--log-format", "json", "webhook", "--config"])
-            .arg(&path)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info,aws_config=warn,aws_smithy_runtime=warn")
-            .env("POD_NAMESPACE", "pullthrough")
-            .env("AWS_ENDPOINT_URL_ECR", moto.endpoint())
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            // Never look for a real identity: no IMDS, no profile files.
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        crate::support::pullthrough::test_aws_env(
+            Command::new(pullthrough_bin())
+                .args(["--log-format", "json", "webhook", "--config"])
+                .arg(&path),
+            &moto.endpoint(),
+            "info,aws_config=warn,aws_smithy_runtime=warn",
+        )
+        .env("POD_NAMESPACE", "pullthrough"),
         dir,
     );
     child.wait_for_port(port).await;

@@ -247,20 +247,26 @@ fn spawn(
 ) -> ChildGuard {
     let mut cmd = Command::new(pullthrough_bin());
     cmd.args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env_clear()
+        .arg(config);
+    test_aws_env(&mut cmd, ecr_api, rust_log);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    ChildGuard::spawn("pullthrough", &mut cmd, dir)
+}
+
+/// The environment every pullthrough process of the tests runs with: nothing inherited but
+/// `PATH`, the ECR API at `ecr_api` (moto) with test credentials, and never a real identity (no
+/// IMDS, no profile files).
+pub fn test_aws_env<'a>(cmd: &'a mut Command, ecr_api: &str, rust_log: &str) -> &'a mut Command {
+    cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", rust_log)
         .env("AWS_ENDPOINT_URL_ECR", ecr_api)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_REGION", "us-east-1")
-        // Never look for a real identity: no IMDS, no profile files.
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
-    cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    ChildGuard::spawn("pullthrough", &mut cmd, dir)
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
 }
 
 /// A fake upstream that answers every request `200 {}` and records the request line and headers.
